@@ -1,0 +1,196 @@
+"""Adapter directories: save, load back and check, as one self-describing unit.
+
+An adapter directory holds what PEFT writes (`adapter_config.json`,
+`adapter_model.safetensors`, loadable with plain `PeftModel.from_pretrained`) plus
+`peftlab.json`: base model, label names, method config, data fingerprint, metrics, package
+versions and a SHA-256 of every weight file. `full` runs hold a complete model
+(`model.safetensors` + config + tokenizer); `head` runs hold only `head.safetensors`.
+Directories are written under a temporary name and renamed into place, so a crash never
+leaves a half-written adapter where a good one was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from peftlab.errors import PeftlabError
+
+log = logging.getLogger("peftlab")
+
+META_FILE = "peftlab.json"
+HEAD_FILE = "head.safetensors"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("peftlab", "torch", "transformers", "peft", "accelerate", "datasets"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to a temporary file beside `path`, then rename over it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def save_adapter(model, adapter_dir: Path, meta: dict, tokenizer=None) -> Path:
+    """Save the trained parameters and `peftlab.json` to `adapter_dir` atomically.
+
+    `meta` must hold at least `method` (a dict with `name`), `base_model`, `label_names`.
+    """
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}.tmp-"))
+    try:
+        method = meta["method"]["name"]
+        if method == "lora":
+            model.save_pretrained(tmp)
+        elif method == "full":
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        elif method == "head":
+            from safetensors.torch import save_file
+
+            heads = meta["head_modules"]
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                     if k.split(".")[0] in heads}
+            save_file(state, tmp / HEAD_FILE)
+        else:
+            raise PeftlabError(f"cannot save method {method!r}")
+        weights = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
+        meta = {**meta, "format_version": FORMAT_VERSION, "versions": package_versions(),
+                "weights_sha256": {name: sha256_file(tmp / name) for name in weights}}
+        write_json_atomic(tmp / META_FILE, meta)
+        if adapter_dir.exists():
+            old = adapter_dir.with_name(f".{adapter_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(adapter_dir, old)
+            os.replace(tmp, adapter_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, adapter_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved %s adapter to %s (%.2f MB)", method, adapter_dir, dir_size(adapter_dir) / 1e6)
+    return adapter_dir
+
+
+def read_meta(adapter_dir: Path) -> dict:
+    """Read and check `peftlab.json`; raises PeftlabError naming what is wrong."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.exists():
+        raise PeftlabError(f"adapter folder {adapter_dir} does not exist: check the path")
+    if (adapter_dir / "adapter" / META_FILE).is_file():  # a run directory was given
+        adapter_dir = adapter_dir / "adapter"
+    meta_path = adapter_dir / META_FILE
+    if not meta_path.is_file():
+        raise PeftlabError(
+            f"{adapter_dir} is not a peftlab adapter folder (no {META_FILE}): give the adapter "
+            f"folder of a run, e.g. runs/<name>/adapter"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PeftlabError(f"{meta_path} is corrupted (not valid JSON): retrain or restore it") from None
+    missing = [k for k in ("base_model", "label_names", "method") if k not in meta]
+    if missing:
+        raise PeftlabError(f"{meta_path} lacks {missing}: it was not written by peftlab")
+    meta["_dir"] = str(adapter_dir)
+    for name, digest in meta.get("weights_sha256", {}).items():
+        path = adapter_dir / name
+        if not path.is_file():
+            raise PeftlabError(f"adapter weights {path} are missing: the adapter folder is incomplete")
+        if sha256_file(path) != digest:
+            raise PeftlabError(
+                f"adapter weights {path} do not match their checksum in {META_FILE}: "
+                f"the file is corrupted; retrain or restore it"
+            )
+    return meta
+
+
+def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = "fp32",
+                 trust_remote_code: bool = False):
+    """Load a fresh base model with the saved adapter and head applied.
+
+    Returns (model in eval mode, tokenizer, meta). `model_name` overrides the base model
+    recorded in `peftlab.json` (e.g. when the base lives elsewhere on this machine).
+    """
+    from peftlab.config import ModelConfig
+    from peftlab.models import load_model, load_tokenizer, resolve
+
+    meta = read_meta(adapter_dir)
+    adapter_dir = Path(meta["_dir"])
+    method = meta["method"]["name"]
+    labels = meta["label_names"]
+    base = model_name or meta["base_model"]
+    if method == "full":
+        model, tokenizer, _ = load_model(
+            ModelConfig(name=str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code),
+            len(labels), labels,
+            tokenizer=load_tokenizer(resolve(base), trust_remote_code)
+            if not (adapter_dir / "tokenizer_config.json").is_file() else None,
+        )
+    else:
+        model, tokenizer, _ = load_model(
+            ModelConfig(name=base, dtype=dtype, trust_remote_code=trust_remote_code), len(labels), labels)
+        if method == "lora":
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, str(adapter_dir))
+            except (RuntimeError, ValueError, KeyError) as exc:
+                first = str(exc).strip().splitlines()[0][:200]
+                raise PeftlabError(
+                    f"adapter {adapter_dir} does not fit base model {base!r} ({first}): load it on "
+                    f"the base model it was trained on ({meta['base_model']})"
+                ) from None
+        elif method == "head":
+            from safetensors.torch import load_file
+
+            state = load_file(adapter_dir / HEAD_FILE)
+            result = model.load_state_dict(state, strict=False)
+            if result.unexpected_keys:
+                raise PeftlabError(f"head weights in {adapter_dir} do not fit {base!r}")
+        else:
+            raise PeftlabError(f"{adapter_dir}: unknown method {method!r} in {META_FILE}")
+    model.eval()
+    return model, tokenizer, meta

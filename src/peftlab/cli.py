@@ -1,0 +1,238 @@
+"""`peftlab` command line: parse, build a config, call the library. Nothing else lives here.
+
+Heavy libraries (torch, transformers) are imported inside the commands, so `--help` is
+instant and a bad flag is reported before anything loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import MISSING, fields
+
+from peftlab.config import SECTIONS, RunConfig
+from peftlab.errors import PeftlabError
+
+log = logging.getLogger("peftlab")
+
+FLAG_NAMES = {("model", "name"): "model", ("method", "name"): "method", ("data", "dataset"): "dataset",
+              (None, "name"): "name"}
+
+EPILOG_RUN = """examples:
+  peftlab run                                   # MiniLM + LoRA on sms_spam, offline
+  peftlab run model=smollm2-135m max_train_samples=600 epochs=1
+  peftlab run --config configs/minilm-sms-lora.yaml lr=5e-4
+  peftlab run method=full name=full-ft          # full fine-tuning, for comparison
+
+Any setting can be given as --flag value or as key=value (dotted keys like train.lr=1e-3
+work too); flags win over key=value, which wins over --config."""
+
+
+def _config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, with the field's help text (litgpt-style)."""
+    for section, cls in [(None, RunConfig)] + list(SECTIONS.items()):
+        group = parser.add_argument_group(f"{section or 'run'} settings")
+        for f in fields(cls):
+            if f.name in SECTIONS:
+                continue
+            flag = FLAG_NAMES.get((section, f.name), f.name).replace("_", "-")
+            dest = f"cfg:{section}.{f.name}" if section else f"cfg:{f.name}"
+            default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+            help_text = f.metadata.get("help", "")
+            if str(f.type).startswith("bool"):
+                group.add_argument(f"--{flag}", dest=dest, action="store_const", const="true",
+                                   default=None, help=help_text)
+            else:
+                group.add_argument(f"--{flag}", dest=dest, default=None, metavar="X",
+                                   help=f"{help_text} (default: {default})")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(getattr(args, "overrides", []) or [])
+    for dest, value in vars(args).items():
+        if dest.startswith("cfg:") and value is not None:
+            out.append(f"{dest[4:]}={value}")
+    return out
+
+
+def _setup_logging(quiet: bool) -> None:
+    import warnings
+
+    # peft calls a transformers method that transformers 5 deprecated; not the user's concern.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[peftlab] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftlab",
+        description="Parameter-efficient fine-tuning of foundation models for text classification.",
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-q", "--quiet", action="store_true", help="Only print warnings, errors and results.")
+
+    for name, summary in (
+        ("run", "Run the whole experiment: baseline, fine-tune, save, reload, compare, report."),
+        ("train", "Fine-tune and save the adapter (no baseline, no reload check)."),
+    ):
+        p = sub.add_parser(name, help=summary, description=summary, epilog=EPILOG_RUN,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", metavar="FILE.yaml", help="YAML config (e.g. a run's config.yaml).")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. epochs=2 lr=5e-4.")
+        common(p)
+        _config_flags(p)
+
+    p = sub.add_parser(
+        "evaluate", help="Evaluate a base model, or base + adapter, on a dataset's test split.",
+        description="Evaluate a base model (with an untrained head) or a trained adapter on the "
+                    "test split of a dataset, and print its metrics.",
+        epilog="examples:\n  peftlab evaluate --adapter runs/minilm-sms_spam-lora/adapter\n"
+               "  peftlab evaluate --model minilm --dataset sms_spam",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="Base model (default for --adapter: the one it was trained on).")
+    p.add_argument("--adapter", metavar="DIR", help="Adapter folder (or run folder) to apply.")
+    p.add_argument("--dataset", default=None, help="Dataset (default: the adapter's, else sms_spam).")
+    p.add_argument("--data-dir", default=None, help="Offline mirror folder (default $PEFTLAB_DATA_DIR).")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--max-eval-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--output", metavar="FILE.json", help="Also write the metrics here.")
+    common(p)
+
+    p = sub.add_parser(
+        "predict", help="Classify texts with a trained adapter.",
+        description="Classify texts with a trained adapter: texts from arguments, --file (one "
+                    "per line) or standard input; prints label and probabilities.",
+        epilog="examples:\n  peftlab predict runs/minilm-sms_spam-lora \"WIN a FREE prize now\"\n"
+               "  cat messages.txt | peftlab predict runs/minilm-sms_spam-lora --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="Adapter folder or run folder.")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--file", help="File with one text per line.")
+    p.add_argument("--model", help="Base model (default: the one recorded with the adapter).")
+    p.add_argument("--json", action="store_true", help="Print one JSON object per text.")
+    common(p)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"peftlab {version('peftlab')}"
+    except PackageNotFoundError:
+        return "peftlab (not installed)"
+
+
+def cmd_run(args: argparse.Namespace, train_only: bool = False) -> int:
+    from peftlab.config import load_config
+
+    cfg = load_config(args.config, _overrides(args))
+    from peftlab.experiment import run_experiment
+    from peftlab.report import console_table
+
+    report = run_experiment(cfg, baseline=not train_only, reload=not train_only)
+    print(console_table(report))
+    print(f"\nrun directory: {report['run_dir']}  (report.md, report.json, adapter/)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from peftlab.config import DataConfig
+    from peftlab.experiment import evaluate_model
+
+    data = DataConfig()
+    if args.adapter and args.dataset is None:
+        from peftlab.artifacts import read_meta
+
+        data.dataset = read_meta(args.adapter)["data"]["dataset"]
+    elif args.dataset:
+        data.dataset = args.dataset
+    data.text_column, data.label_column = args.text_column, args.label_column
+    data.max_eval_samples = args.max_eval_samples
+    problems = data.problems()
+    if problems:
+        raise PeftlabError("; ".join(problems))
+    result = evaluate_model(args.model, data, adapter_dir=args.adapter,
+                            data_dir=args.data_dir or os.environ.get("PEFTLAB_DATA_DIR"),
+                            batch_size=args.batch_size, precision=args.precision)
+    m = result["metrics"]
+    print(f"{'loss':<22}{m['loss']:.4f}\n{'accuracy':<22}{m['accuracy']:.4f}\n{'macro-F1':<22}{m['macro_f1']:.4f}")
+    for name, stats in m["per_class"].items():
+        print(f"{name + ': P/R/F1':<22}{stats['precision']:.4f} / {stats['recall']:.4f} / {stats['f1']:.4f}"
+              f"  (n={stats['support']})")
+    if args.output:
+        from pathlib import Path
+
+        from peftlab.artifacts import write_json_atomic
+
+        write_json_atomic(Path(args.output), result)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    texts = list(args.texts)
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as fh:
+                texts += [line.rstrip("\n") for line in fh if line.strip()]
+        except FileNotFoundError:
+            raise PeftlabError(f"text file {args.file} does not exist: check the path") from None
+        except UnicodeDecodeError:
+            raise PeftlabError(f"text file {args.file} is not UTF-8: re-save it as UTF-8") from None
+    if not texts and not args.file:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise PeftlabError("no texts to classify: give them as arguments, with --file, or on stdin")
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise PeftlabError("no texts to classify: the input was empty")
+    from peftlab.experiment import Predictor
+
+    predictor = Predictor(args.adapter, args.model)
+    for result in predictor(texts):
+        if args.json:
+            print(json.dumps(result, ensure_ascii=False))
+        else:
+            probs = "  ".join(f"{n}={p:.3f}" for n, p in result["probabilities"].items())
+            snippet = result["text"] if len(result["text"]) <= 60 else result["text"][:57] + "..."
+            print(f"{result['label']}\t{probs}\t{snippet}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        if args.command in ("run", "train"):
+            return cmd_run(args, train_only=args.command == "train")
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        return cmd_predict(args)
+    except PeftlabError as exc:
+        print(f"peftlab: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("peftlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""Run configuration: one validated dataclass per concern, serialised as YAML.
+
+A run is fully described by a `RunConfig`. The YAML file written into every run
+directory (`config.yaml`) is its exact serialised copy, so `peftlab run --config
+runs/x/config.yaml` repeats a run. Command-line overrides are `key=value` pairs where the
+key is either dotted (`train.lr=1e-3`) or a field name that is unique across sections
+(`lr=1e-3`); `model=`, `dataset=` and `method=` are shorthands for the names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.errors import PeftlabError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (shown by `--help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    """What to train and evaluate on."""
+
+    dataset: str = _f(
+        "sms_spam",
+        "Dataset: a known name (sms_spam, imdb, glue/sst2, ...), a Hub id, or a local "
+        "CSV/TSV/JSON(L)/Parquet file or folder of split files.",
+    )
+    data_dir: str | None = _f(
+        None,
+        "Folder of offline dataset mirrors laid out as <name>/<split>.jsonl.gz; "
+        "defaults to $PEFTLAB_DATA_DIR.",
+    )
+    text_column: str | None = _f(None, "Column holding the text (inferred when not given).")
+    label_column: str | None = _f(None, "Column holding the label (inferred when not given).")
+    test_size: float = _f(
+        0.2, "Fraction held out as the test set when the dataset has no test split."
+    )
+    split_seed: int = _f(42, "Seed of the stratified train/test split.")
+    max_train_samples: int | None = _f(
+        None, "Use a stratified subset of at most this many training examples."
+    )
+    max_eval_samples: int | None = _f(
+        None, "Use a stratified subset of at most this many test examples."
+    )
+    max_length: int = _f(256, "Truncate texts to this many tokens.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.dataset:
+            out.append("data.dataset is empty: name a dataset, e.g. dataset=sms_spam")
+        if not 0.0 < self.test_size < 1.0:
+            out.append(f"data.test_size={self.test_size} must be between 0 and 1, e.g. 0.2")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                out.append(f"data.{name}={value} must be at least 2 (or unset for all rows)")
+        if self.max_length < 8:
+            out.append(f"data.max_length={self.max_length} is too small: use at least 8")
+        return out
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model to adapt."""
+
+    name: str = _f(
+        "minilm",
+        "Model: a packaged alias (minilm, smollm2-135m), a Hub id, a local folder, "
+        "or a .gguf file.",
+    )
+    dtype: str = _f("fp32", "Weight dtype when loading: fp32, bf16, fp16 or auto.")
+    trust_remote_code: bool = _f(
+        False, "Allow a Hub model to run its own Python code (off: only enable for code you trust)."
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.name:
+            out.append("model.name is empty: name a model, e.g. model=minilm")
+        if self.dtype not in ("fp32", "bf16", "fp16", "auto"):
+            out.append(f"model.dtype={self.dtype!r} is not one of fp32, bf16, fp16, auto")
+        return out
+
+
+METHODS = ("lora", "full", "head")
+
+
+@dataclass
+class MethodConfig:
+    """How the model is adapted."""
+
+    name: str = _f(
+        "lora",
+        "Fine-tuning method: lora (adapter + head), full (every weight) or head "
+        "(classification head only: a linear probe).",
+    )
+    r: int = _f(8, "LoRA rank.")
+    alpha: float = _f(16, "LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = _f(0.1, "Dropout on the LoRA input.")
+    target_modules: list[str] | None = _f(
+        None,
+        "Module names to adapt; default: the attention projections of the architecture; "
+        "'all-linear' for every linear layer.",
+    )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.name not in METHODS:
+            hint = difflib.get_close_matches(self.name, METHODS, n=1)
+            fix = f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(METHODS)}"
+            out.append(f"method.name={self.name!r} is not a known method: {fix}")
+        if self.r < 1:
+            out.append(f"method.r={self.r} must be a positive rank, e.g. 8")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"method.dropout={self.dropout} must be in [0, 1)")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """How training runs."""
+
+    engine: str = _f(
+        "native",
+        "Training/evaluation engine: native (peftlab's own accelerate loop) or trainer "
+        "(the Hugging Face Trainer).",
+    )
+    epochs: float = _f(2, "Number of passes over the training set.")
+    batch_size: int = _f(16, "Training batch size.")
+    eval_batch_size: int = _f(64, "Evaluation batch size.")
+    lr: float | None = _f(
+        None, "Peak learning rate; default 1e-3 for lora, 5e-5 for full, 5e-3 for head."
+    )
+    weight_decay: float = _f(0.01, "AdamW weight decay.")
+    warmup_ratio: float = _f(0.06, "Fraction of steps spent warming the learning rate up.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    seed: int = _f(42, "Seed for initialisation, dropout and batch order.")
+    precision: str = _f(
+        "auto",
+        "Compute precision: auto (bf16 where the hardware supports it, else fp32), "
+        "fp32, bf16 or fp16.",
+    )
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (for smoke tests).")
+    log_every: int = _f(50, "Log training loss every this many steps.")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.engine not in ("native", "trainer"):
+            out.append(f"train.engine={self.engine!r} must be 'native' or 'trainer'")
+        if self.epochs <= 0:
+            out.append(f"train.epochs={self.epochs} must be positive")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            out.append("train.batch_size and train.eval_batch_size must be at least 1")
+        if self.lr is not None and self.lr <= 0:
+            out.append(f"train.lr={self.lr} must be positive")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            out.append(f"train.precision={self.precision!r} is not one of auto, fp32, bf16, fp16")
+        if self.max_steps is not None and self.max_steps < 1:
+            out.append(f"train.max_steps={self.max_steps} must be at least 1")
+        return out
+
+
+DEFAULT_LR = {"lora": 1e-3, "full": 5e-5, "head": 5e-3}
+
+
+@dataclass
+class RunConfig:
+    """One experiment: data, model, method and training, plus where results go."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str | None = _f(
+        None, "Run name; default <model>-<dataset>-<method>, numbered if it exists."
+    )
+    output_dir: str = _f("runs", "Folder that holds run directories.")
+    overwrite: bool = _f(False, "Replace an existing run directory of the same name.")
+
+    def validate(self) -> RunConfig:
+        """Collect every problem, then raise once (so the user fixes them in one go)."""
+        problems = []
+        for section in (self.data, self.model, self.method, self.train):
+            problems += section.problems()
+        if problems:
+            raise PeftlabError("invalid config: " + "; ".join(problems))
+        return self
+
+    @property
+    def lr(self) -> float:
+        return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.method.name]
+
+    @property
+    def data_dir(self) -> str | None:
+        return self.data.data_dir or os.environ.get("PEFTLAB_DATA_DIR") or None
+
+    def default_name(self) -> str:
+        model = Path(self.model.name.rstrip("/")).name.removesuffix(".gguf")
+        dataset = Path(self.data.dataset.rstrip("/")).name.split(".")[0].replace("/", "-")
+        return f"{model}-{dataset}-{self.method.name}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "train": TrainConfig}
+# Shorthands for the names that would otherwise be ambiguous.
+ALIASES = {"model": "model.name", "method": "method.name", "dataset": "data.dataset"}
+
+
+def field_index() -> dict[str, str]:
+    """Map every accepted override key (plain or dotted) to its dotted path."""
+    index: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            index[f"{section}.{f.name}"] = f"{section}.{f.name}"
+            counts[f.name] = counts.get(f.name, 0) + 1
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            if counts[f.name] == 1 and f.name not in SECTIONS:
+                index[f.name] = f"{section}.{f.name}"
+    for f in fields(RunConfig):
+        if f.name not in SECTIONS:
+            index[f.name] = f.name
+    index.update(ALIASES)
+    return index
+
+
+def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
+    """Convert a YAML-parsed override to the field's type, with a clear error."""
+    kind = str(f.type)
+    if value is None:
+        if "None" in kind:
+            return None
+        raise PeftlabError(f"{key} cannot be empty: give a value, e.g. {key}={f.default}")
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if kind.startswith("int") and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind.startswith("float") and not isinstance(value, bool):
+            return float(value)
+        if kind.startswith("str"):
+            return str(value)
+        if kind.startswith("list"):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise PeftlabError(f"{key}={value!r} is not a valid {kind.split(' |')[0]}: fix the value")
+
+
+def set_value(config: RunConfig, key: str, value: Any) -> None:
+    """Set one (plain, dotted or aliased) key on `config`."""
+    index = field_index()
+    if key not in index:
+        hint = difflib.get_close_matches(key, list(index), n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else "run `peftlab run --help` for the keys"
+        raise PeftlabError(f"unknown config key {key!r}: {fix}")
+    path = index[key].split(".")
+    target: Any = config
+    for part in path[:-1]:
+        target = getattr(target, part)
+    f = {f.name: f for f in fields(target)}[path[-1]]
+    setattr(target, path[-1], _coerce(value, f, key))
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `key=value` strings; values are parsed as YAML (`1e-3`, `true`, `[a, b]`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise PeftlabError(f"override {item!r} is not key=value: write e.g. epochs=2")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        set_value(config, key.strip(), value)
+    return config
+
+
+def from_dict(data: dict, source: str = "config") -> RunConfig:
+    """Build a RunConfig from nested or flat dict (as read from YAML)."""
+    config = RunConfig()
+    if not isinstance(data, dict):
+        raise PeftlabError(f"{source} must be a mapping of keys to values, got {type(data).__name__}")
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub, subvalue in value.items():
+                set_value(config, f"{key}.{sub}", subvalue)
+        else:
+            set_value(config, key, value)
+    return config
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (optional), apply overrides, validate. Raises PeftlabError."""
+    config = RunConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise PeftlabError(f"config file {p} does not exist: check the path given to --config")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f" at line {line + 1}" if line is not None else ""
+            raise PeftlabError(f"config file {p} is not valid YAML{where}: fix its syntax") from None
+        config = from_dict(data, source=str(p))
+    apply_overrides(config, overrides or [])
+    return config.validate()

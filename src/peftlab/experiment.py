@@ -1,0 +1,245 @@
+"""The whole experiment, in dependency order: data, model, baseline, method, train, save,
+reload, evaluate, report. This is the library API behind `peftlab run` and `peftlab train`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from peftlab import artifacts
+from peftlab.config import DataConfig, ModelConfig, RunConfig
+from peftlab.data import DataBundle, PadCollator, load_data, tokenize
+from peftlab.errors import PeftlabError
+from peftlab.evaluate import compute_metrics, evaluate, predict_logits, softmax
+from peftlab.methods import apply_method, count_parameters
+from peftlab.models import head_module_names, load_model
+from peftlab.report import markdown
+from peftlab.train import (
+    default_device,
+    predict_logits_trainer,
+    resolve_precision,
+    train_native,
+    train_with_trainer,
+)
+
+log = logging.getLogger("peftlab")
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create the run directory. A user-named one that exists needs `overwrite`; a default
+    name gets a numeric suffix instead, so earlier results are never replaced."""
+    root = Path(cfg.output_dir)
+    if cfg.name:
+        run_dir = root / cfg.name
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not cfg.overwrite:
+                raise PeftlabError(
+                    f"run directory {run_dir} already exists: pass --overwrite to replace it or "
+                    f"choose another name=..."
+                )
+            shutil.rmtree(run_dir)
+    else:
+        base = cfg.default_name()
+        run_dir, n = root / base, 1
+        while run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
+            n += 1
+            run_dir = root / f"{base}-{n}"
+        if run_dir.exists() and cfg.overwrite:
+            shutil.rmtree(run_dir)
+        cfg.name = run_dir.name
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PeftlabError(f"cannot create run directory {run_dir} ({exc.strerror}): choose another output_dir") from None
+    return run_dir
+
+
+def _eval(model, dataset, collator, bundle: DataBundle, cfg: RunConfig, precision: str, work_dir: Path,
+          desc: str) -> tuple[dict, np.ndarray]:
+    """Evaluate with the configured engine; metrics are computed the same way for both."""
+    if cfg.train.engine == "trainer":
+        start = time.perf_counter()
+        logits = predict_logits_trainer(model, dataset, collator, cfg, precision, work_dir)
+        metrics = compute_metrics(logits, dataset.labels, bundle.label_names)
+        metrics["eval_seconds"] = time.perf_counter() - start
+        metrics["eval_samples_per_s"] = len(dataset) / metrics["eval_seconds"]
+        return metrics, logits
+    return evaluate(model, dataset, collator, bundle.label_names, cfg.train.eval_batch_size, precision, desc)
+
+
+def _log_metrics(what: str, metrics: dict) -> None:
+    log.info("%s: loss %.4f  accuracy %.4f  macro-F1 %.4f  (%d examples, %.1fs)", what, metrics["loss"],
+             metrics["accuracy"], metrics["macro_f1"], metrics["n"], metrics["eval_seconds"])
+
+
+def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True,
+                   bundle: DataBundle | None = None) -> dict:
+    """Run steps 1-8 (or, with baseline/reload off, just train + evaluate) and write the run dir.
+
+    Returns the report dict (also saved as report.json). `bundle` lets API callers pass
+    data already loaded (e.g. from a DataFrame). Raises PeftlabError on bad input; a run
+    that fails leaves `FAILED.txt` in its directory saying why.
+    """
+    cfg.validate()
+    run_dir = prepare_run_dir(cfg)
+    artifacts.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    try:
+        report = _run(cfg, run_dir, baseline, reload, bundle)
+    except BaseException as exc:
+        artifacts.write_text_atomic(run_dir / "FAILED.txt", f"{type(exc).__name__}: {exc}\n")
+        raise
+    (run_dir / "FAILED.txt").unlink(missing_ok=True)
+    return report
+
+
+def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None) -> dict:
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    # 1-2. data, then model (seeded: the new head's initialisation depends on it)
+    if bundle is None:
+        bundle = load_data(cfg.data, cfg.data_dir)
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer, source = load_model(cfg.model, len(bundle.label_names), bundle.label_names)
+    device = default_device()
+    model.to(device)
+    precision = resolve_precision(cfg.train.precision, device)
+    collator = PadCollator(tokenizer.pad_token_id, tokenizer.padding_side)
+    train_ds = tokenize(tokenizer, bundle.train_texts, bundle.train_labels, cfg.data.max_length)
+    test_ds = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, cfg.data.max_length)
+    work_dir = run_dir / "trainer"
+
+    # 3. baseline: the pretrained model with its untrained head
+    base_metrics = None
+    if baseline:
+        base_metrics, _ = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "baseline")
+        _log_metrics("baseline", base_metrics)
+
+    # 4-5. adapt and train
+    heads = head_module_names(model)
+    model = apply_method(model, cfg.method)
+    trainable, total = count_parameters(model)
+    if cfg.train.engine == "trainer":
+        train_summary = train_with_trainer(model, train_ds, collator, cfg, precision, work_dir)
+    else:
+        train_summary = train_native(model, train_ds, collator, cfg, precision, run_dir / "metrics.jsonl")
+    shutil.rmtree(work_dir, ignore_errors=True)
+    if not np.isfinite(train_summary["final_loss"]):
+        raise PeftlabError(
+            f"training diverged (loss {train_summary['final_loss']}): lower the learning rate (lr=...)"
+        )
+    tuned_metrics, tuned_logits = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "fine-tuned")
+    _log_metrics("fine-tuned", tuned_metrics)
+
+    # 6. save the adapter (trainable weights + head) as one self-describing unit
+    adapter_dir = run_dir / "adapter"
+    meta = {
+        "base_model": cfg.model.name,
+        "base_model_class": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
+        "base_model_source": {"kind": source.kind, "path": source.path, "gguf_file": source.gguf_file},
+        "label_names": bundle.label_names,
+        "num_labels": len(bundle.label_names),
+        "head_modules": heads,
+        "method": cfg.to_dict()["method"],
+        "max_length": cfg.data.max_length,
+        "data": {"dataset": cfg.data.dataset, "fingerprint": bundle.fingerprint, "source": bundle.source},
+        "metrics": {k: tuned_metrics[k] for k in ("loss", "accuracy", "macro_f1")},
+        "trainable_params": trainable,
+        "created": started,
+    }
+    artifacts.save_adapter(model, adapter_dir, meta, tokenizer)
+
+    # 7-8. load it back into a fresh base model and evaluate it the same way
+    report_reloaded, reload_check = None, None
+    if reload:
+        del model
+        reloaded, _, _ = artifacts.load_adapter(adapter_dir, dtype=cfg.model.dtype,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+        reloaded.to(device)
+        report_reloaded, reloaded_logits = _eval(reloaded, test_ds, collator, bundle, cfg, precision,
+                                                 work_dir, "reloaded")
+        _log_metrics("reloaded", report_reloaded)
+        diff = float(np.abs(reloaded_logits - tuned_logits).max()) if len(tuned_logits) else 0.0
+        same = bool((reloaded_logits.argmax(1) == tuned_logits.argmax(1)).all())
+        reload_check = {"predictions_equal": same, "max_abs_logit_diff": diff}
+        if not same:
+            log.warning("the reloaded adapter predicts differently from the in-memory model "
+                        "(max logit difference %.3g)", diff)
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+    report = {
+        "name": cfg.name,
+        "run_dir": str(run_dir),
+        "started": started,
+        "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.to_dict(),
+        "data": bundle.facts,
+        "label_names": bundle.label_names,
+        "model": {"name": cfg.model.name, "class": meta["base_model_class"], "total_params": total},
+        "method": {"name": cfg.method.name, "trainable_params": trainable, "total_params": total},
+        "baseline": base_metrics,
+        "finetuned": tuned_metrics,
+        "reloaded": report_reloaded,
+        "reload_check": reload_check,
+        "train": train_summary,
+        "adapter": {"dir": str(adapter_dir), "size_bytes": artifacts.dir_size(adapter_dir)},
+        "versions": artifacts.package_versions(),
+    }
+    artifacts.write_json_atomic(run_dir / "report.json", report)
+    artifacts.write_text_atomic(run_dir / "report.md", markdown(report))
+    log.info("wrote %s", run_dir / "report.md")
+    return report
+
+
+def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir: str | None = None,
+                   data_dir: str | None = None, batch_size: int = 64, precision: str = "auto",
+                   trust_remote_code: bool = False) -> dict:
+    """Evaluate a base model (fresh head) or base + adapter on the test split of a dataset."""
+    if adapter_dir is not None:
+        model, tokenizer, meta = artifacts.load_adapter(Path(adapter_dir), model_name,
+                                                        trust_remote_code=trust_remote_code)
+        bundle = load_data(data_cfg, data_dir, label_names=meta["label_names"])
+        data_cfg.max_length = meta.get("max_length", data_cfg.max_length)
+    else:
+        if model_name is None:
+            raise PeftlabError("nothing to evaluate: give --model and/or --adapter")
+        bundle = load_data(data_cfg, data_dir)
+        model, tokenizer, _ = load_model(ModelConfig(name=model_name, trust_remote_code=trust_remote_code),
+                                         len(bundle.label_names), bundle.label_names)
+    device = default_device()
+    model.to(device)
+    precision = resolve_precision(precision, device)
+    dataset = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, data_cfg.max_length)
+    metrics, _ = evaluate(model, dataset, PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),
+                          bundle.label_names, batch_size, precision)
+    return {"model": model_name, "adapter": adapter_dir, "data": bundle.facts,
+            "label_names": bundle.label_names, "metrics": metrics}
+
+
+class Predictor:
+    """A loaded adapter that classifies texts: `Predictor(adapter_dir)(["text", ...])`."""
+
+    def __init__(self, adapter_dir: str | Path, model_name: str | None = None, precision: str = "fp32"):
+        self.model, self.tokenizer, self.meta = artifacts.load_adapter(Path(adapter_dir), model_name)
+        self.device = default_device()
+        self.model.to(self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.label_names = self.meta["label_names"]
+        self.collator = PadCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+
+    def __call__(self, texts: list[str], batch_size: int = 64) -> list[dict]:
+        empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+        if empty:
+            raise PeftlabError(f"text #{empty[0] + 1} is empty: give non-empty texts to classify")
+        dataset = tokenize(self.tokenizer, texts, None, self.meta.get("max_length", 512))
+        probs = softmax(predict_logits(self.model, dataset, self.collator, batch_size, self.precision, "predict"))
+        return [
+            {"text": text, "label": self.label_names[int(p.argmax())],
+             "probabilities": {n: float(v) for n, v in zip(self.label_names, p)}}
+            for text, p in zip(texts, probs)
+        ]

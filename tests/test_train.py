@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from peftlab.config import load_config
+from peftlab.data import PadCollator, load_data, tokenize
+from peftlab.evaluate import compute_metrics, evaluate
+from peftlab.methods import apply_method, count_parameters
+from peftlab.models import load_model
+from peftlab.train import predict_logits_trainer, train_native, train_with_trainer
+
+
+def _setup(cfg):
+    bundle = load_data(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model, tok, _ = load_model(cfg.model, len(bundle.label_names), bundle.label_names)
+    collate = PadCollator(tok.pad_token_id, tok.padding_side)
+    train = tokenize(tok, bundle.train_texts, bundle.train_labels, 64)
+    test = tokenize(tok, bundle.test_texts, bundle.test_labels, 64)
+    return bundle, model, collate, train, test
+
+
+def _lora_b(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+
+
+@pytest.mark.parametrize("engine", ["native", "trainer"])
+def test_both_engines_train_lora_and_head(tiny_cfg, tmp_path, engine):
+    """The Trainer must be able to train a PeftModel (pitfall 5), and LoRA B must move (pitfall 9)."""
+    cfg = tiny_cfg
+    cfg.train.engine = engine
+    cfg.train.epochs, cfg.train.lr = 2, 1e-2
+    bundle, model, collate, train, test = _setup(cfg)
+    model = apply_method(model, cfg.method)
+    before_b = _lora_b(model)
+    head_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    run = train_native if engine == "native" else train_with_trainer
+    extra = () if engine == "native" else (tmp_path / "trainer",)
+    summary = run(model, train, collate, cfg, "fp32", *extra)
+    assert summary["steps"] == 40
+    after_b = _lora_b(model)
+    assert before_b and all(not torch.equal(before_b[n], after_b[n]) for n in before_b)
+    assert not torch.equal(head_before, model.base_model.model.classifier.modules_to_save["default"].weight)
+    assert summary["loss_history"][-1]["loss"] < summary["loss_history"][0]["loss"]
+
+
+def test_full_fine_tuning_learns_the_task(tiny_cfg):
+    cfg = tiny_cfg
+    cfg.method.name = "full"
+    cfg.train.lr, cfg.train.epochs = 3e-3, 3
+    bundle, model, collate, train, test = _setup(cfg)
+    before, _ = evaluate(model, test, collate, bundle.label_names, 32)
+    model = apply_method(model, cfg.method)
+    assert count_parameters(model)[0] == count_parameters(model)[1]
+    train_native(model, train, collate, cfg, "fp32")
+    after, _ = evaluate(model, test, collate, bundle.label_names, 32)
+    assert after["accuracy"] >= 0.9 > before["accuracy"]
+
+
+def test_head_method_trains_only_the_head(tiny_cfg):
+    cfg = tiny_cfg
+    cfg.method.name = "head"
+    _, model, collate, train, _ = _setup(cfg)
+    model = apply_method(model, cfg.method)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("classifier.") for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    train_native(model, train, collate, cfg, "fp32")
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_engines_evaluate_identically(tiny_cfg, tmp_path):
+    """Same model, data and seed: metrics of the two engines agree to 1e-6."""
+    bundle, model, collate, _, test = _setup(tiny_cfg)
+    model = apply_method(model, tiny_cfg.method)
+    native, native_logits = evaluate(model, test, collate, bundle.label_names, tiny_cfg.train.eval_batch_size)
+    trainer_logits = predict_logits_trainer(model, test, collate, tiny_cfg, "fp32", tmp_path)
+    trainer = compute_metrics(trainer_logits, test.labels, bundle.label_names)
+    for key in ("loss", "accuracy", "macro_f1"):
+        assert abs(native[key] - trainer[key]) <= 1e-6, key
+    np.testing.assert_allclose(native_logits, trainer_logits, atol=1e-6)
+
+
+def test_training_is_deterministic(tiny_cfg):
+    results = []
+    for _ in range(2):
+        cfg = load_config(None, [f"{k}={v}" for k, v in (("model", tiny_cfg.model.name),
+                                                         ("dataset", tiny_cfg.data.dataset),
+                                                         ("precision", "fp32"), ("max_steps", 8))])
+        bundle, model, collate, train, test = _setup(cfg)
+        model = apply_method(model, cfg.method)
+        train_native(model, train, collate, cfg, "fp32")
+        results.append(evaluate(model, test, collate, bundle.label_names, 32)[1])
+    np.testing.assert_array_equal(results[0], results[1])
