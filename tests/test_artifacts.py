@@ -11,7 +11,7 @@ from peftlab.data import PadCollator, load_data, tokenize
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import predict_logits
 from peftlab.methods import apply_method
-from peftlab.models import head_module_names, load_model
+from peftlab.models import base_fingerprint, head_module_names, load_model
 from peftlab.train import train_native
 
 RELOAD_SCRIPT = """
@@ -35,13 +35,15 @@ def _trained(cfg, method, tmp_path, model_name=None):
     torch.manual_seed(0)
     model, tok, _ = load_model(cfg.model, 2, bundle.label_names)
     heads = head_module_names(model)
+    fingerprint = base_fingerprint(model)
     collate = PadCollator(tok.pad_token_id, tok.padding_side)
     model = apply_method(model, cfg.method)
     train_native(model, tokenize(tok, bundle.train_texts, bundle.train_labels, 64), collate, cfg, "fp32")
     test = tokenize(tok, bundle.test_texts, bundle.test_labels, 64)
     logits = predict_logits(model, test, collate, 8)
     meta = {"base_model": cfg.model.name, "label_names": bundle.label_names, "head_modules": heads,
-            "method": {"name": method}, "max_length": 64, "data": {"dataset": cfg.data.dataset}}
+            "method": {"name": method}, "max_length": 64, "data": {"dataset": cfg.data.dataset},
+            "base_model_fingerprint": fingerprint}
     adapter_dir = artifacts.save_adapter(model, tmp_path / "adapter", meta, tok)
     return adapter_dir, bundle, logits
 
@@ -90,7 +92,7 @@ def test_flipped_byte_in_weights_is_detected(tiny_cfg, tmp_path):
 
 def test_adapter_on_wrong_base_model_fails_clearly(tiny_cfg, tiny_decoder, tmp_path):
     adapter_dir, _, _ = _trained(tiny_cfg, "lora", tmp_path)
-    with pytest.raises(PeftlabError, match="does not fit base model"):
+    with pytest.raises(PeftlabError, match="was trained on base model"):
         artifacts.load_adapter(adapter_dir, model_name=tiny_decoder)
 
 

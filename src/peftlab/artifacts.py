@@ -67,6 +67,22 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished folder `tmp` to `final`, replacing what was there.
+
+    Renames are atomic; between the two renames `final` briefly does not exist, but a
+    complete copy always does (the old one under `.<name>.old`, or the new one).
+    """
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -100,14 +116,7 @@ def save_adapter(model, adapter_dir: Path, meta: dict, tokenizer=None) -> Path:
         meta = {**meta, "format_version": FORMAT_VERSION, "versions": package_versions(),
                 "weights_sha256": {name: sha256_file(tmp / name) for name in weights}}
         write_json_atomic(tmp / META_FILE, meta)
-        if adapter_dir.exists():
-            old = adapter_dir.with_name(f".{adapter_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(adapter_dir, old)
-            os.replace(tmp, adapter_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, adapter_dir)
+        replace_dir(tmp, adapter_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved %s adapter to %s (%.2f MB)", method, adapter_dir, dir_size(adapter_dir) / 1e6)
@@ -131,6 +140,8 @@ def read_meta(adapter_dir: Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PeftlabError(f"{meta_path} is corrupted (not valid JSON): retrain or restore it") from None
+    if not isinstance(meta, dict):
+        raise PeftlabError(f"{meta_path} is corrupted (not a JSON object): retrain or restore it")
     missing = [k for k in ("base_model", "label_names", "method") if k not in meta]
     if missing:
         raise PeftlabError(f"{meta_path} lacks {missing}: it was not written by peftlab")
@@ -148,30 +159,45 @@ def read_meta(adapter_dir: Path) -> dict:
 
 
 def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = "fp32",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, allow_pickle: bool = False):
     """Load a fresh base model with the saved adapter and head applied.
 
     Returns (model in eval mode, tokenizer, meta). `model_name` overrides the base model
     recorded in `peftlab.json` (e.g. when the base lives elsewhere on this machine).
     """
     from peftlab.config import ModelConfig
-    from peftlab.models import load_model, load_tokenizer, resolve
+    from peftlab.models import base_fingerprint, load_model, load_tokenizer, resolve
 
     meta = read_meta(adapter_dir)
     adapter_dir = Path(meta["_dir"])
+    pickles = sorted(p.name for p in adapter_dir.glob("*.bin"))
+    if pickles and not allow_pickle:
+        raise PeftlabError(
+            f"adapter {adapter_dir} holds pickle weights ({pickles[0]}), which can run code when "
+            f"loaded: pass --allow-pickle only if you trust the file"
+        )
     method = meta["method"]["name"]
     labels = meta["label_names"]
     base = model_name or meta["base_model"]
     if method == "full":
         model, tokenizer, _ = load_model(
-            ModelConfig(name=str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code),
+            ModelConfig(name=str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code,
+                        allow_pickle=allow_pickle),
             len(labels), labels,
             tokenizer=load_tokenizer(resolve(base), trust_remote_code)
             if not (adapter_dir / "tokenizer_config.json").is_file() else None,
         )
     else:
         model, tokenizer, _ = load_model(
-            ModelConfig(name=base, dtype=dtype, trust_remote_code=trust_remote_code), len(labels), labels)
+            ModelConfig(name=base, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
+            len(labels), labels)
+        expected = meta.get("base_model_fingerprint")
+        if expected and base_fingerprint(model) != expected:
+            raise PeftlabError(
+                f"adapter {adapter_dir} was trained on base model {meta['base_model']!r} (fingerprint "
+                f"{expected}), but {base!r} has fingerprint {base_fingerprint(model)}: load it on its own base "
+                f"model (--model {meta['base_model']})"
+            )
         if method == "lora":
             from peft import PeftModel
 

@@ -23,7 +23,8 @@ FLAG_NAMES = {("model", "name"): "model", ("method", "name"): "method", ("data",
 
 EPILOG_RUN = """examples:
   peftlab run                                   # MiniLM + LoRA on sms_spam, offline
-  peftlab run model=smollm2-135m max_train_samples=600 epochs=1
+  peftlab run model=smollm2-135m max_train_samples=400 max_eval_samples=300 epochs=1
+  peftlab run --resume runs/minilm-sms_spam-lora   # continue a killed run
   peftlab run --config configs/minilm-sms-lora.yaml lr=5e-4
   peftlab run method=full name=full-ft          # full fine-tuning, for comparison
 
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=summary, epilog=EPILOG_RUN,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", metavar="FILE.yaml", help="YAML config (e.g. a run's config.yaml).")
+        p.add_argument("--resume", metavar="RUN_DIR",
+                       help="Continue a killed run from its last checkpoint, with the run's own config.")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. epochs=2 lr=5e-4.")
         common(p)
         _config_flags(p)
@@ -111,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--output", metavar="FILE.json", help="Also write the metrics here.")
+    p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
     common(p)
 
     p = sub.add_parser(
@@ -125,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="File with one text per line.")
     p.add_argument("--model", help="Base model (default: the one recorded with the adapter).")
     p.add_argument("--json", action="store_true", help="Print one JSON object per text.")
+    p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
     common(p)
     return parser
 
@@ -139,13 +144,24 @@ def _version() -> str:
 
 
 def cmd_run(args: argparse.Namespace, train_only: bool = False) -> int:
+    from pathlib import Path
+
     from peftlab.config import load_config
 
-    cfg = load_config(args.config, _overrides(args))
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.config or _overrides(args):
+            raise PeftlabError("--resume takes no other settings: the run continues with its own config.yaml")
+        if not (run_dir / "config.yaml").is_file():
+            raise PeftlabError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+        cfg.name, cfg.output_dir = run_dir.name, str(run_dir.parent)
+    else:
+        cfg = load_config(args.config, _overrides(args))
     from peftlab.experiment import run_experiment
     from peftlab.report import console_table
 
-    report = run_experiment(cfg, baseline=not train_only, reload=not train_only)
+    report = run_experiment(cfg, baseline=not train_only, reload=not train_only, resume=bool(args.resume))
     print(console_table(report))
     print(f"\nrun directory: {report['run_dir']}  (report.md, report.json, adapter/)")
     return 0
@@ -169,7 +185,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise PeftlabError("; ".join(problems))
     result = evaluate_model(args.model, data, adapter_dir=args.adapter,
                             data_dir=args.data_dir or os.environ.get("PEFTLAB_DATA_DIR"),
-                            batch_size=args.batch_size, precision=args.precision)
+                            batch_size=args.batch_size, precision=args.precision,
+                            allow_pickle=args.allow_pickle)
     m = result["metrics"]
     print(f"{'loss':<22}{m['loss']:.4f}\n{'accuracy':<22}{m['accuracy']:.4f}\n{'macro-F1':<22}{m['macro_f1']:.4f}")
     for name, stats in m["per_class"].items():
@@ -202,7 +219,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise PeftlabError("no texts to classify: the input was empty")
     from peftlab.experiment import Predictor
 
-    predictor = Predictor(args.adapter, args.model)
+    predictor = Predictor(args.adapter, args.model, allow_pickle=args.allow_pickle)
     for result in predictor(texts):
         if args.json:
             print(json.dumps(result, ensure_ascii=False))

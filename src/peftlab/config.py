@@ -55,6 +55,11 @@ class DataConfig:
         None, "Use a stratified subset of at most this many test examples."
     )
     max_length: int = _f(256, "Truncate texts to this many tokens.")
+    validation_size: float = _f(
+        0.0,
+        "Carve this fraction of the training set (stratified) as a validation split for "
+        "model selection and early stopping; 0 for none.",
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -66,6 +71,8 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 2:
                 out.append(f"data.{name}={value} must be at least 2 (or unset for all rows)")
+        if not 0.0 <= self.validation_size < 1.0:
+            out.append(f"data.validation_size={self.validation_size} must be in [0, 1), e.g. 0.1")
         if self.max_length < 8:
             out.append(f"data.max_length={self.max_length} is too small: use at least 8")
         return out
@@ -83,6 +90,11 @@ class ModelConfig:
     dtype: str = _f("fp32", "Weight dtype when loading: fp32, bf16, fp16 or auto.")
     trust_remote_code: bool = _f(
         False, "Allow a Hub model to run its own Python code (off: only enable for code you trust)."
+    )
+    allow_pickle: bool = _f(
+        False,
+        "Allow loading weights from pickle files (pytorch_model.bin, adapter_model.bin), which "
+        "can run code: only for files you trust. Off: safetensors only.",
     )
 
     def problems(self) -> list[str]:
@@ -156,6 +168,21 @@ class TrainConfig:
     )
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (for smoke tests).")
     log_every: int = _f(50, "Log training loss every this many steps.")
+    save_every: int = _f(
+        200, "Checkpoint every this many steps (and at each epoch end); 0: epoch ends only."
+    )
+    eval_every: int = _f(
+        0, "With a validation split: evaluate every this many steps; 0: at each epoch end."
+    )
+    metric_for_best: str = _f(
+        "macro_f1", "Validation metric that picks the best checkpoint: macro_f1, accuracy or loss."
+    )
+    early_stopping_patience: int | None = _f(
+        None, "Stop after this many validation rounds without improvement (needs validation_size)."
+    )
+    load_best: bool = _f(
+        True, "With a validation split: end training with the best checkpoint's weights."
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -169,6 +196,12 @@ class TrainConfig:
             out.append(f"train.lr={self.lr} must be positive")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             out.append(f"train.precision={self.precision!r} is not one of auto, fp32, bf16, fp16")
+        if self.metric_for_best not in ("macro_f1", "accuracy", "loss"):
+            out.append(f"train.metric_for_best={self.metric_for_best!r} is not one of macro_f1, accuracy, loss")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            out.append(f"train.early_stopping_patience={self.early_stopping_patience} must be at least 1")
+        if self.save_every < 0 or self.eval_every < 0:
+            out.append("train.save_every and train.eval_every must be 0 or positive")
         if self.max_steps is not None and self.max_steps < 1:
             out.append(f"train.max_steps={self.max_steps} must be at least 1")
         return out
@@ -196,6 +229,10 @@ class RunConfig:
         problems = []
         for section in (self.data, self.model, self.method, self.train):
             problems += section.problems()
+        if self.train.engine == "trainer" and self.data.validation_size:
+            problems.append("validation_size (model selection) needs engine=native")
+        if self.train.early_stopping_patience and not self.data.validation_size:
+            problems.append("early_stopping_patience needs a validation split: set validation_size=0.1")
         if problems:
             raise PeftlabError("invalid config: " + "; ".join(problems))
         return self

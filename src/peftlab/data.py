@@ -79,6 +79,9 @@ class DataBundle:
     label_names: list[str]
     source: str
     facts: dict = field(default_factory=dict)
+    # Carved from train when validation_size > 0; used for model selection only.
+    val_texts: list[str] = field(default_factory=list)
+    val_labels: list[int] = field(default_factory=list)
 
     @property
     def fingerprint(self) -> str:
@@ -418,7 +421,14 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
         test_texts = [test_texts[i] for i in keep]
         test_labels = [test_labels[i] for i in keep]
 
-    bundle = DataBundle(train_texts, train_labels, test_texts, test_labels, names, source)
+    val_texts, val_labels = [], []
+    if cfg.validation_size:
+        tr, va = stratified_split(train_labels, cfg.validation_size, cfg.split_seed)
+        val_texts, val_labels = [train_texts[i] for i in va], [train_labels[i] for i in va]
+        train_texts, train_labels = [train_texts[i] for i in tr], [train_labels[i] for i in tr]
+
+    bundle = DataBundle(train_texts, train_labels, test_texts, test_labels, names, source,
+                        val_texts=val_texts, val_labels=val_labels)
     bundle.facts = {
         "dataset": cfg.dataset,
         "source": source,
@@ -428,12 +438,14 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
         "label_column": label,
         "train_size": len(train_texts),
         "test_size": len(test_texts),
+        "validation_size": len(val_texts),
         "train_label_counts": {n: train_labels.count(i) for i, n in enumerate(names)},
         "test_label_counts": {n: test_labels.count(i) for i, n in enumerate(names)},
         "fingerprint": bundle.fingerprint,
     }
-    log.info("data: %s from %s (%d rows); %s -> %d train, %d test", cfg.dataset, source, rows,
-             split_desc, len(train_texts), len(test_texts))
+    log.info("data: %s from %s (%d rows); %s -> %d train, %d test%s", cfg.dataset, source, rows,
+             split_desc, len(train_texts), len(test_texts),
+             f", {len(val_texts)} validation (from train)" if val_texts else "")
     return bundle
 
 
@@ -498,7 +510,8 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     Training (`shuffle=True`): each epoch the examples are shuffled, cut into windows of
     `window` batches, sorted by length inside each window, batched, and the batches
     shuffled: similar lengths per batch while the order stays random. Evaluation
-    (`shuffle=False`): batches in order of decreasing length. Call `set_epoch` each epoch.
+    (`shuffle=False`): batches in order of decreasing length. Call `set_epoch` each epoch;
+    set `skip` to drop the epoch's first batches when resuming mid-epoch.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
@@ -509,8 +522,10 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.window = window
         self.epoch = 0
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's order (accelerate's loaders call this at each new iterator)."""
         self.epoch = epoch
 
     def batches(self) -> list[list[int]]:
@@ -528,7 +543,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+        return iter(self.batches()[self.skip:])
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)

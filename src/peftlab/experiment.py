@@ -5,6 +5,7 @@ reload, evaluate, report. This is the library API behind `peftlab run` and `peft
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import shutil
 import time
@@ -19,7 +20,7 @@ from peftlab.data import DataBundle, PadCollator, load_data, tokenize
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import compute_metrics, evaluate, predict_logits, softmax
 from peftlab.methods import apply_method, count_parameters
-from peftlab.models import head_module_names, load_model
+from peftlab.models import base_fingerprint, head_module_names, load_model
 from peftlab.report import markdown
 from peftlab.train import (
     default_device,
@@ -32,10 +33,20 @@ from peftlab.train import (
 log = logging.getLogger("peftlab")
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
+def prepare_run_dir(cfg: RunConfig, resume: bool = False) -> Path:
     """Create the run directory. A user-named one that exists needs `overwrite`; a default
-    name gets a numeric suffix instead, so earlier results are never replaced."""
+    name gets a numeric suffix instead, so earlier results are never replaced. With
+    `resume`, the named directory must exist, hold a checkpoint and not be finished."""
     root = Path(cfg.output_dir)
+    if root.exists() and not root.is_dir():
+        raise PeftlabError(f"output_dir {root} is a file, not a folder: choose another output_dir")
+    if resume:
+        run_dir = root / (cfg.name or "")
+        if not cfg.name or not run_dir.is_dir():
+            raise PeftlabError(f"cannot resume: run directory {run_dir} does not exist")
+        if (run_dir / "report.json").is_file():
+            raise PeftlabError(f"cannot resume: {run_dir} already finished (report.json exists)")
+        return run_dir
     if cfg.name:
         run_dir = root / cfg.name
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -80,18 +91,22 @@ def _log_metrics(what: str, metrics: dict) -> None:
 
 
 def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True,
-                   bundle: DataBundle | None = None) -> dict:
+                   bundle: DataBundle | None = None, resume: bool = False) -> dict:
     """Run steps 1-8 (or, with baseline/reload off, just train + evaluate) and write the run dir.
 
     Returns the report dict (also saved as report.json). `bundle` lets API callers pass
-    data already loaded (e.g. from a DataFrame). Raises PeftlabError on bad input; a run
-    that fails leaves `FAILED.txt` in its directory saying why.
+    data already loaded (e.g. from a DataFrame). `resume` continues the named run from its
+    last checkpoint. Raises PeftlabError on bad input; a run that fails leaves
+    `FAILED.txt` in its directory saying why.
     """
     cfg.validate()
-    run_dir = prepare_run_dir(cfg)
-    artifacts.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    if resume and cfg.train.engine != "native":
+        raise PeftlabError("--resume needs engine=native (the Trainer engine keeps no peftlab checkpoints)")
+    run_dir = prepare_run_dir(cfg, resume)
+    if not resume:
+        artifacts.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
     try:
-        report = _run(cfg, run_dir, baseline, reload, bundle)
+        report = _run(cfg, run_dir, baseline, reload, bundle, resume)
     except BaseException as exc:
         artifacts.write_text_atomic(run_dir / "FAILED.txt", f"{type(exc).__name__}: {exc}\n")
         raise
@@ -99,7 +114,8 @@ def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True
     return report
 
 
-def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None) -> dict:
+def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None,
+         resume: bool) -> dict:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     # 1-2. data, then model (seeded: the new head's initialisation depends on it)
     if bundle is None:
@@ -112,13 +128,20 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     collator = PadCollator(tokenizer.pad_token_id, tokenizer.padding_side)
     train_ds = tokenize(tokenizer, bundle.train_texts, bundle.train_labels, cfg.data.max_length)
     test_ds = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, cfg.data.max_length)
-    work_dir = run_dir / "trainer"
 
-    # 3. baseline: the pretrained model with its untrained head
+    val_ds = tokenize(tokenizer, bundle.val_texts, bundle.val_labels, cfg.data.max_length) if bundle.val_texts else None
+    work_dir = run_dir / "trainer"
+    fingerprint = base_fingerprint(model)
+
+    # 3. baseline: the pretrained model with its untrained head (kept on disk for --resume)
     base_metrics = None
-    if baseline:
+    baseline_path = run_dir / "baseline.json"
+    if baseline and resume and baseline_path.is_file():
+        base_metrics = json.loads(baseline_path.read_text())
+    elif baseline:
         base_metrics, _ = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "baseline")
         _log_metrics("baseline", base_metrics)
+        artifacts.write_json_atomic(baseline_path, base_metrics)
 
     # 4-5. adapt and train
     heads = head_module_names(model)
@@ -127,7 +150,13 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     if cfg.train.engine == "trainer":
         train_summary = train_with_trainer(model, train_ds, collator, cfg, precision, work_dir)
     else:
-        train_summary = train_native(model, train_ds, collator, cfg, precision, run_dir / "metrics.jsonl")
+        def validate(m):
+            return evaluate(m, val_ds, collator, bundle.label_names, cfg.train.eval_batch_size, precision,
+                            "validation")[0]
+
+        train_summary = train_native(model, train_ds, collator, cfg, precision, run_dir / "metrics.jsonl",
+                                     checkpoint_dir=run_dir / "checkpoints", resume=resume,
+                                     validate=validate if val_ds is not None else None)
     shutil.rmtree(work_dir, ignore_errors=True)
     if not np.isfinite(train_summary["final_loss"]):
         raise PeftlabError(
@@ -142,6 +171,7 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "base_model": cfg.model.name,
         "base_model_class": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
         "base_model_source": {"kind": source.kind, "path": source.path, "gguf_file": source.gguf_file},
+        "base_model_fingerprint": fingerprint,
         "label_names": bundle.label_names,
         "num_labels": len(bundle.label_names),
         "head_modules": heads,
@@ -159,7 +189,8 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     if reload:
         del model
         reloaded, _, _ = artifacts.load_adapter(adapter_dir, dtype=cfg.model.dtype,
-                                                trust_remote_code=cfg.model.trust_remote_code)
+                                                trust_remote_code=cfg.model.trust_remote_code,
+                                                allow_pickle=cfg.model.allow_pickle)
         reloaded.to(device)
         report_reloaded, reloaded_logits = _eval(reloaded, test_ds, collator, bundle, cfg, precision,
                                                  work_dir, "reloaded")
@@ -190,26 +221,30 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "adapter": {"dir": str(adapter_dir), "size_bytes": artifacts.dir_size(adapter_dir)},
         "versions": artifacts.package_versions(),
     }
-    artifacts.write_json_atomic(run_dir / "report.json", report)
     artifacts.write_text_atomic(run_dir / "report.md", markdown(report))
+    artifacts.write_json_atomic(run_dir / "report.json", report)  # last: it marks the run finished
+    # The adapter holds the result; checkpoints only served to resume this run.
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log.info("wrote %s", run_dir / "report.md")
     return report
 
 
 def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir: str | None = None,
                    data_dir: str | None = None, batch_size: int = 64, precision: str = "auto",
-                   trust_remote_code: bool = False) -> dict:
+                   trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
     """Evaluate a base model (fresh head) or base + adapter on the test split of a dataset."""
     if adapter_dir is not None:
         model, tokenizer, meta = artifacts.load_adapter(Path(adapter_dir), model_name,
-                                                        trust_remote_code=trust_remote_code)
+                                                        trust_remote_code=trust_remote_code,
+                                                        allow_pickle=allow_pickle)
         bundle = load_data(data_cfg, data_dir, label_names=meta["label_names"])
         data_cfg.max_length = meta.get("max_length", data_cfg.max_length)
     else:
         if model_name is None:
             raise PeftlabError("nothing to evaluate: give --model and/or --adapter")
         bundle = load_data(data_cfg, data_dir)
-        model, tokenizer, _ = load_model(ModelConfig(name=model_name, trust_remote_code=trust_remote_code),
+        model, tokenizer, _ = load_model(ModelConfig(name=model_name, trust_remote_code=trust_remote_code,
+                                                     allow_pickle=allow_pickle),
                                          len(bundle.label_names), bundle.label_names)
     device = default_device()
     model.to(device)
@@ -224,8 +259,10 @@ def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir:
 class Predictor:
     """A loaded adapter that classifies texts: `Predictor(adapter_dir)(["text", ...])`."""
 
-    def __init__(self, adapter_dir: str | Path, model_name: str | None = None, precision: str = "fp32"):
-        self.model, self.tokenizer, self.meta = artifacts.load_adapter(Path(adapter_dir), model_name)
+    def __init__(self, adapter_dir: str | Path, model_name: str | None = None, precision: str = "fp32",
+                 allow_pickle: bool = False):
+        self.model, self.tokenizer, self.meta = artifacts.load_adapter(Path(adapter_dir), model_name,
+                                                                       allow_pickle=allow_pickle)
         self.device = default_device()
         self.model.to(self.device)
         self.precision = resolve_precision(precision, self.device)

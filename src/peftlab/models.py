@@ -7,7 +7,9 @@ the user, and logged.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +120,24 @@ def _load_error(source: ModelSource, exc: Exception) -> PeftlabError:
         )
     if "safetensors" in str(exc):
         return PeftlabError(
-            f"model {source.name!r} has no safetensors weights: peftlab does not load pickle "
-            f"files; convert the weights to safetensors"
+            f"model {source.name!r} has no safetensors weights: convert them to safetensors, or pass "
+            f"--allow-pickle if you trust the pickle files"
         )
     return PeftlabError(f"model {source.name!r} could not be loaded ({first[:200]}): check the files")
+
+
+# Config keys that say nothing about the weights' identity (labels, paths, versions, dtype).
+_FINGERPRINT_SKIP = {"id2label", "label2id", "num_labels", "_name_or_path", "transformers_version", "dtype",
+                     "torch_dtype", "architectures", "problem_type", "finetuning_task", "pad_token_id",
+                     "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states"}
+
+
+def base_fingerprint(model) -> str:
+    """A short hash of the base model's architecture config (shapes, sizes, vocab): two
+    bases with the same fingerprint accept the same adapter weights."""
+    config = model.config.to_dict()
+    kept = {k: v for k, v in sorted(config.items()) if k not in _FINGERPRINT_SKIP and not k.startswith("_")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None = None, tokenizer=None):
@@ -136,7 +152,9 @@ def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None 
     source = resolve(cfg.name)
     if tokenizer is None:
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": True}
+    # safetensors only, unless the user trusts pickle files (they can run code when loaded)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {
+        "use_safetensors": None if cfg.allow_pickle else True}
     names = label_names or [str(i) for i in range(num_labels)]
     # The "newly initialized head" report is expected here (we add the head on purpose).
     verbosity = hf_logging.get_verbosity()

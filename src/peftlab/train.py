@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from tqdm.auto import tqdm
 
 from peftlab.config import RunConfig
 from peftlab.data import LengthGroupedBatchSampler, PadCollator, TokenizedDataset
+from peftlab.errors import PeftlabError
 
 log = logging.getLogger("peftlab")
 
@@ -78,9 +82,85 @@ def _schedule(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_STATE = "state.json"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
+
+
+def trainable_state(model) -> dict:
+    """The parameters being trained (LoRA weights and head; every weight for `full`)."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model, state: dict, optimizer=None, scheduler=None) -> None:
+    """Write a checkpoint folder atomically: weights (safetensors), optimizer/scheduler/RNG
+    (a tensors-only torch file, loadable with weights_only=True) and the loop state (JSON)."""
+    from safetensors.torch import save_file
+
+    from peftlab.artifacts import replace_dir, write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        save_file(trainable_state(model), tmp / CHECKPOINT_WEIGHTS)
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                       tmp / CHECKPOINT_OPTIMIZER)
+        write_json_atomic(tmp / CHECKPOINT_STATE, state)
+        replace_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_checkpoint_weights(path: Path, model) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(path / CHECKPOINT_WEIGHTS)
+    params = dict(model.named_parameters())
+    missing = [n for n in weights if n not in params]
+    if missing:
+        raise PeftlabError(f"checkpoint {path} does not fit this model ({missing[0]} unknown): "
+                           f"resume with the run's own config")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from `path`; returns the loop state."""
+    try:
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
+        extra = torch.load(path / CHECKPOINT_OPTIMIZER, weights_only=True)
+    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+        raise PeftlabError(f"checkpoint {path} is unreadable ({type(exc).__name__}): start the run again "
+                           f"with --overwrite") from None
+    load_checkpoint_weights(path, model)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    if extra["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    return state
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
 def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig,
-                 precision: str, metrics_path: Path | None = None) -> dict:
-    """Train `model` in place with peftlab's own loop; returns a summary dict."""
+                 precision: str, metrics_path: Path | None = None, *, checkpoint_dir: Path | None = None,
+                 resume: bool = False, validate: Callable | None = None) -> dict:
+    """Train `model` in place with peftlab's own loop; returns a summary dict.
+
+    With `checkpoint_dir`, checkpoints go to `<dir>/last` every `save_every` steps and at
+    each epoch end (and `<dir>/best` with a `validate` function), and `resume=True`
+    continues from `<dir>/last` exactly where it stopped: same batch order, same dropout
+    masks. `validate(model) -> metrics` is called every `eval_every` steps or epoch end.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
@@ -90,7 +170,10 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                               cpu=default_device().type == "cpu")
     sampler = LengthGroupedBatchSampler(dataset.lengths, tc.batch_size, shuffle=True, seed=tc.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator)
+    # A private generator: otherwise each new epoch iterator draws its base seed from the
+    # global RNG, shifting the dropout masks that exact --resume must reproduce.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+                                         generator=torch.Generator().manual_seed(tc.seed))
     steps_per_epoch = len(sampler)
     total = math.ceil(tc.epochs * steps_per_epoch)
     if tc.max_steps:
@@ -99,19 +182,43 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     optimizer = _optimizer(model, cfg.lr, tc.weight_decay)
     scheduler = _schedule(optimizer, warmup, total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    plain = accelerator.unwrap_model(model)
+    main = accelerator.is_main_process
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "tokens": 0, "elapsed": 0.0,
+             "losses": [], "validation": [], "best": None, "best_step": None, "bad_rounds": 0}
+    if resume:
+        if checkpoint_dir is None or not (checkpoint_dir / "last" / CHECKPOINT_STATE).is_file():
+            raise PeftlabError(f"nothing to resume: no checkpoint in {checkpoint_dir}; run without --resume")
+        state = load_checkpoint(checkpoint_dir / "last", plain, optimizer, scheduler)
+        log.info("resumed from step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batch_in_epoch"])
+        if metrics_path and metrics_path.is_file() and main:
+            # Drop what was logged after the checkpoint: those steps run again.
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if json.loads(line).get("step", 0) <= state["step"]]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
     log.info("training: %d steps (%d per epoch, batch %d, lr %.2g, warmup %d), precision %s, %s",
              total, steps_per_epoch, tc.batch_size, cfg.lr, warmup, precision, accelerator.device)
 
-    metrics_file = open(metrics_path, "a") if metrics_path and accelerator.is_main_process else None
+    def record(entry: dict) -> None:
+        if metrics_path and main:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
+    def checkpoint() -> None:
+        if checkpoint_dir is not None and main:
+            state["elapsed"] = elapsed_before + time.perf_counter() - start
+            save_checkpoint(checkpoint_dir / "last", plain, state, optimizer, scheduler)
+
     model.train()
-    step, samples, tokens = 0, 0, 0
-    running, running_n = 0.0, 0
-    losses = []
-    start = time.perf_counter()
-    bar = tqdm(total=total, desc="train", disable=None if accelerator.is_main_process else True)
-    epoch = 0
-    while step < total:
-        sampler.set_epoch(epoch)
+    running, running_n = None, 0
+    elapsed_before, start = state["elapsed"], time.perf_counter()
+    bar = tqdm(total=total, initial=state["step"], desc="train", disable=None if main else True)
+    stop = state.get("early_stopped", False)
+    while state["step"] < total and not stop:
+        # accelerate's loader passes the epoch on to the sampler when iteration starts
+        loader.set_epoch(state["epoch"])
+        sampler.skip = state["batch_in_epoch"]
         for batch in loader:
             # forward/backward (autocast comes from accelerate's mixed_precision)
             loss = model(**batch).loss
@@ -122,49 +229,91 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            samples += batch["input_ids"].shape[0]
-            tokens += int(batch["attention_mask"].sum())
-            # Reading the loss syncs the host with the device: only keep a detached copy
-            # each step and convert at logging time.
-            running += loss.detach().float()
+            # Reading the loss would sync host and device every step: keep a detached sum
+            # and read it only when logging, checkpointing or validating.
+            running = loss.detach().float() if running_n == 0 else running + loss.detach().float()
             running_n += 1
-            if step % tc.log_every == 0 or step == total:
+            state["step"] += 1
+            state["batch_in_epoch"] += 1
+            state["samples"] += batch["input_ids"].shape[0]
+            state["tokens"] += int(batch["attention_mask"].sum())
+            step = state["step"]
+            epoch_end = state["batch_in_epoch"] == steps_per_epoch
+            if epoch_end:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+            last = step == total
+            bar.update(1)
+
+            if step % tc.log_every == 0 or last or (epoch_end and running_n):
                 mean = float(running) / running_n
-                losses.append({"step": step, "loss": mean})
-                running, running_n = 0.0, 0
-                elapsed = time.perf_counter() - start
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean,
-                          "lr": scheduler.get_last_lr()[0], "samples_per_s": samples / elapsed}
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{record['lr']:.2e}")
-                if metrics_file:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                running_n = 0
+                if not math.isfinite(mean):
+                    kept = checkpoint_dir / "last" if checkpoint_dir and (checkpoint_dir / "last").exists() else None
+                    raise PeftlabError(
+                        f"training loss became {mean} by step {step}: the run diverged"
+                        + (f"; the last good checkpoint is kept in {kept}" if kept else "")
+                        + "; lower the learning rate (lr=...) and start again"
+                    )
+                elapsed = elapsed_before + time.perf_counter() - start
+                entry = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean,
+                         "lr": scheduler.get_last_lr()[0], "samples_per_s": state["samples"] / elapsed}
+                state["losses"].append({"step": step, "loss": mean})
+                record(entry)
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{entry['lr']:.2e}")
                 if bar.disable:
                     log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, mean,
-                             record["lr"], record["samples_per_s"])
-            bar.update(1)
-            if step >= total:
+                             entry["lr"], entry["samples_per_s"])
+
+            if validate is not None and ((tc.eval_every and step % tc.eval_every == 0)
+                                         or (not tc.eval_every and epoch_end) or last):
+                metrics = validate(plain)
+                model.train()
+                value = metrics[tc.metric_for_best]
+                entry = {"step": step, **{f"val_{k}": metrics[k] for k in ("loss", "accuracy", "macro_f1")}}
+                state["validation"].append(entry)
+                record(entry)
+                improved = _better(tc.metric_for_best, value, state["best"])
+                log.info("validation at step %d: loss %.4f  accuracy %.4f  macro-F1 %.4f%s", step,
+                         metrics["loss"], metrics["accuracy"], metrics["macro_f1"], "  (best so far)" if improved else "")
+                if improved:
+                    state.update(best=value, best_step=step, bad_rounds=0)
+                    if checkpoint_dir is not None and main:
+                        save_checkpoint(checkpoint_dir / "best", plain, {"step": step, tc.metric_for_best: value})
+                else:
+                    state["bad_rounds"] += 1
+                    if tc.early_stopping_patience and state["bad_rounds"] >= tc.early_stopping_patience:
+                        log.info("early stopping at step %d: no better %s for %d validation rounds (best %.4f at "
+                                 "step %d)", step, tc.metric_for_best, state["bad_rounds"], state["best"],
+                                 state["best_step"])
+                        stop = state["early_stopped"] = True
+
+            if (tc.save_every and step % tc.save_every == 0) or epoch_end or last or stop:
+                checkpoint()
+            if last or stop:
                 break
-        epoch += 1
     bar.close()
-    elapsed = time.perf_counter() - start
-    if metrics_file:
-        metrics_file.close()
-    model = accelerator.unwrap_model(model)
+    elapsed = elapsed_before + time.perf_counter() - start
+    if validate is not None and tc.load_best and checkpoint_dir is not None and (checkpoint_dir / "best").exists() \
+            and state["best_step"] != state["step"]:
+        load_checkpoint_weights(checkpoint_dir / "best", plain)
+        log.info("loaded the best checkpoint (step %d, %s %.4f)", state["best_step"], tc.metric_for_best, state["best"])
     accelerator.free_memory()
     # Each run builds its own Accelerator (possibly with another precision); drop the
     # process-wide state so the next one may differ.
     AcceleratorState._reset_state()
     return {
         "engine": "native",
-        "steps": step,
-        "epochs": step / steps_per_epoch,
+        "steps": state["step"],
+        "epochs": state["step"] / steps_per_epoch,
         "train_seconds": elapsed,
-        "train_samples_per_s": samples / elapsed,
-        "train_tokens_per_s": tokens / elapsed,
-        "final_loss": losses[-1]["loss"] if losses else float("nan"),
-        "loss_history": losses,
+        "train_samples_per_s": state["samples"] / elapsed,
+        "train_tokens_per_s": state["tokens"] / elapsed,
+        "final_loss": state["losses"][-1]["loss"] if state["losses"] else float("nan"),
+        "loss_history": state["losses"],
+        "validation": state["validation"],
+        "best_step": state["best_step"],
+        "early_stopped": stop,
         "precision": precision,
     }
 
