@@ -7,8 +7,8 @@ import traceback
 
 import pytest
 import torch
-
 from conftest import make_texts, write_csv
+
 from peftlab.cli import main
 from peftlab.config import load_config
 from peftlab.experiment import run_experiment
