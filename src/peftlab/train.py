@@ -200,18 +200,26 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     log.info("training: %d steps (%d per epoch, batch %d, lr %.2g, warmup %d), precision %s, %s",
              total, steps_per_epoch, tc.batch_size, cfg.lr, warmup, precision, accelerator.device)
 
+    running, unread_tokens, running_n = None, None, 0
+
     def record(entry: dict) -> None:
         if metrics_path and main:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(entry) + "\n")
 
+    def count_tokens() -> None:
+        nonlocal unread_tokens
+        if unread_tokens is not None:
+            state["tokens"] += int(unread_tokens)
+            unread_tokens = None
+
     def checkpoint() -> None:
+        count_tokens()
         if checkpoint_dir is not None and main:
             state["elapsed"] = elapsed_before + time.perf_counter() - start
             save_checkpoint(checkpoint_dir / "last", plain, state, optimizer, scheduler)
 
     model.train()
-    running, running_n = None, 0
     elapsed_before, start = state["elapsed"], time.perf_counter()
     bar = tqdm(total=total, initial=state["step"], desc="train", disable=None if main else True)
     stop = state.get("early_stopped", False)
@@ -236,7 +244,8 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
             state["step"] += 1
             state["batch_in_epoch"] += 1
             state["samples"] += batch["input_ids"].shape[0]
-            state["tokens"] += int(batch["attention_mask"].sum())
+            tokens = batch["attention_mask"].sum()  # stays on the device: no sync
+            unread_tokens = tokens if unread_tokens is None else unread_tokens + tokens
             step = state["step"]
             epoch_end = state["batch_in_epoch"] == steps_per_epoch
             if epoch_end:
@@ -293,6 +302,7 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
             if last or stop:
                 break
     bar.close()
+    count_tokens()
     elapsed = elapsed_before + time.perf_counter() - start
     if validate is not None and tc.load_best and checkpoint_dir is not None and (checkpoint_dir / "best").exists() \
             and state["best_step"] != state["step"]:
