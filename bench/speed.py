@@ -61,8 +61,13 @@ def run_stock(args, grouped: bool) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from peftlab.models import resolve
 
@@ -200,7 +205,7 @@ def main() -> None:
     facts = spawn("facts")
     results = {v: spawn(v) for v in args.variants.split(",")}
     tokens = facts["tokens"] * args.epochs
-    print(f"\n| variant | train samples/s | real tokens/s | eval samples/s | peak RSS MB | accuracy |")
+    print("\n| variant | train samples/s | real tokens/s | eval samples/s | peak RSS MB | accuracy |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         label = {"stock": "a stock Trainer", "grouped": "b Trainer + group_by_length", "peftlab": "c peftlab"}[name]
