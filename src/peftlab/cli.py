@@ -23,7 +23,7 @@ FLAG_NAMES = {("model", "name"): "model", ("method", "name"): "method", ("data",
 
 EPILOG_RUN = """examples:
   peftlab run                                   # MiniLM + LoRA on sms_spam, offline
-  peftlab run model=smollm2-135m max_train_samples=400 max_eval_samples=300 epochs=1
+  peftlab run model=smollm2-135m max_train_samples=600 max_eval_samples=300 epochs=1
   peftlab run --resume runs/minilm-sms_spam-lora   # continue a killed run
   peftlab run --config configs/minilm-sms-lora.yaml lr=5e-4
   peftlab run method=full name=full-ft          # full fine-tuning, for comparison
