@@ -69,8 +69,13 @@ def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[peftlab] %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    # Under torchrun / accelerate launch, only the main process (rank 0) talks.
+    log.setLevel(logging.WARNING if quiet or not _is_main() else logging.INFO)
     log.propagate = False
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,8 +167,9 @@ def cmd_run(args: argparse.Namespace, train_only: bool = False) -> int:
     from peftlab.report import console_table
 
     report = run_experiment(cfg, baseline=not train_only, reload=not train_only, resume=bool(args.resume))
-    print(console_table(report))
-    print(f"\nrun directory: {report['run_dir']}  (report.md, report.json, adapter/)")
+    if _is_main():
+        print(console_table(report))
+        print(f"\nrun directory: {report['run_dir']}  (report.md, report.json, adapter/)")
     return 0
 
 

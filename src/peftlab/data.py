@@ -523,6 +523,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         self.window = window
         self.epoch = 0
         self.skip = 0
+        self.drop_last = False  # read by accelerate when it shards batches across processes
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch's order (accelerate's loaders call this at each new iterator)."""
@@ -540,7 +541,11 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             chunk = order[start:start + span]
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        # At most one batch is short; keep it last, where multi-process sharding (accelerate's
+        # BatchSamplerShard) expects it and fills it up instead of dropping it.
+        short = [b for b in batches if len(b) < self.batch_size]
+        return [b for b in batches if len(b) == self.batch_size] + short
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self.batches()[self.skip:])

@@ -34,18 +34,31 @@ def predict_logits(model, dataset: TokenizedDataset, collator: PadCollator, batc
 
     Batches are formed longest-first so each is padded only to its own longest text.
     """
+    import torch.distributed as dist
+
+    from peftlab.train import gather_objects
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    sampler = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False)
+    batches = list(LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False))
+    # Under several processes each evaluates every N-th batch and the logits are gathered:
+    # every example is counted exactly once, with no padding of the last shard.
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        batches = batches[dist.get_rank()::dist.get_world_size()]
     out = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
     start = time.perf_counter()
     with autocast(device, precision):
-        for indices in tqdm(sampler, desc=desc, leave=False, disable=None):
+        for indices in tqdm(batches, desc=desc, leave=False, disable=None):
             batch = collator([dataset[i] for i in indices])
             batch.pop("labels", None)
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             out[indices] = logits.float().cpu().numpy()
+    if distributed:
+        mine = [i for b in batches for i in b]
+        for indices, logits in gather_objects((mine, out[mine])):
+            out[indices] = logits
     elapsed = time.perf_counter() - start
     log.debug("%s: %d examples in %.1fs", desc, len(dataset), elapsed)
     model.train(was_training)

@@ -24,6 +24,7 @@ from peftlab.models import base_fingerprint, head_module_names, load_model
 from peftlab.report import markdown
 from peftlab.train import (
     default_device,
+    distributed_state,
     predict_logits_trainer,
     resolve_precision,
     train_native,
@@ -72,6 +73,27 @@ def prepare_run_dir(cfg: RunConfig, resume: bool = False) -> Path:
     return run_dir
 
 
+def _main_decides(fn):
+    """Run `fn` on the main process only and hand its result (or its PeftlabError) to all
+    processes, so every process agrees on e.g. the run directory's name."""
+    state = distributed_state()
+    if state.num_processes == 1:
+        return fn()
+    import torch.distributed as dist
+
+    box = [None]
+    if state.is_main_process:
+        try:
+            box = [("ok", fn())]
+        except PeftlabError as exc:
+            box = [("error", str(exc))]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise PeftlabError(value)
+    return value
+
+
 def _eval(model, dataset, collator, bundle: DataBundle, cfg: RunConfig, precision: str, work_dir: Path,
           desc: str) -> tuple[dict, np.ndarray]:
     """Evaluate with the configured engine; metrics are computed the same way for both."""
@@ -102,27 +124,37 @@ def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True
     cfg.validate()
     if resume and cfg.train.engine != "native":
         raise PeftlabError("--resume needs engine=native (the Trainer engine keeps no peftlab checkpoints)")
-    run_dir = prepare_run_dir(cfg, resume)
-    if not resume:
-        artifacts.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    main = distributed_state().is_main_process  # under torchrun/accelerate launch, only it writes files
+
+    def prepare():
+        run_dir = prepare_run_dir(cfg, resume)
+        if not resume:
+            artifacts.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+        return str(run_dir), cfg.name
+
+    run_dir, cfg.name = _main_decides(prepare)
+    run_dir = Path(run_dir)
     try:
-        report = _run(cfg, run_dir, baseline, reload, bundle, resume)
+        report = _run(cfg, run_dir, baseline, reload, bundle, resume, main)
     except BaseException as exc:
-        artifacts.write_text_atomic(run_dir / "FAILED.txt", f"{type(exc).__name__}: {exc}\n")
+        if main:
+            artifacts.write_text_atomic(run_dir / "FAILED.txt", f"{type(exc).__name__}: {exc}\n")
         raise
-    (run_dir / "FAILED.txt").unlink(missing_ok=True)
+    if main:
+        (run_dir / "FAILED.txt").unlink(missing_ok=True)
     return report
 
 
 def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None,
-         resume: bool) -> dict:
+         resume: bool, main: bool) -> dict:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     # 1-2. data, then model (seeded: the new head's initialisation depends on it)
     if bundle is None:
         bundle = load_data(cfg.data, cfg.data_dir)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, source = load_model(cfg.model, len(bundle.label_names), bundle.label_names)
-    device = default_device()
+    state = distributed_state()
+    device = state.device if state.num_processes > 1 else default_device()
     model.to(device)
     precision = resolve_precision(cfg.train.precision, device)
     collator = PadCollator(tokenizer.pad_token_id, tokenizer.padding_side)
@@ -141,7 +173,8 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     elif baseline:
         base_metrics, _ = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "baseline")
         _log_metrics("baseline", base_metrics)
-        artifacts.write_json_atomic(baseline_path, base_metrics)
+        if main:
+            artifacts.write_json_atomic(baseline_path, base_metrics)
 
     # 4-5. adapt and train
     heads = head_module_names(model)
@@ -182,7 +215,9 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "trainable_params": trainable,
         "created": started,
     }
-    artifacts.save_adapter(model, adapter_dir, meta, tokenizer)
+    if main:
+        artifacts.save_adapter(model, adapter_dir, meta, tokenizer)
+    state.wait_for_everyone()
 
     # 7-8. load it back into a fresh base model and evaluate it the same way
     report_reloaded, reload_check = None, None
@@ -221,10 +256,12 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "adapter": {"dir": str(adapter_dir), "size_bytes": artifacts.dir_size(adapter_dir)},
         "versions": artifacts.package_versions(),
     }
-    artifacts.write_text_atomic(run_dir / "report.md", markdown(report))
-    artifacts.write_json_atomic(run_dir / "report.json", report)  # last: it marks the run finished
-    # The adapter holds the result; checkpoints only served to resume this run.
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    if main:
+        artifacts.write_text_atomic(run_dir / "report.md", markdown(report))
+        artifacts.write_json_atomic(run_dir / "report.json", report)  # last: it marks the run finished
+        # The adapter holds the result; checkpoints only served to resume this run.
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    state.wait_for_everyone()
     log.info("wrote %s", run_dir / "report.md")
     return report
 

@@ -43,6 +43,17 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def distributed_state():
+    """accelerate's process state (one process, or N under torchrun / accelerate launch).
+
+    CPU-only processes must say so (`cpu=True`), or accelerate ignores the launcher's
+    WORLD_SIZE and each process runs alone.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=default_device().type == "cpu")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """Turn 'auto' into fp32/bf16/fp16 for `device`, and log what was picked and why."""
     if precision != "auto":
@@ -92,7 +103,19 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model, state: dict, optimizer=None, scheduler=None) -> None:
+def gather_objects(obj) -> list:
+    """`obj` from every process, in rank order ([obj] when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(path: Path, model, state: dict, optimizer=None, scheduler=None,
+                    rng_states: list | None = None) -> None:
     """Write a checkpoint folder atomically: weights (safetensors), optimizer/scheduler/RNG
     (a tensors-only torch file, loadable with weights_only=True) and the loop state (JSON)."""
     from safetensors.torch import save_file
@@ -105,7 +128,7 @@ def save_checkpoint(path: Path, model, state: dict, optimizer=None, scheduler=No
         save_file(trainable_state(model), tmp / CHECKPOINT_WEIGHTS)
         if optimizer is not None:
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
+                        "torch_rng": rng_states or [torch.get_rng_state()],
                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                        tmp / CHECKPOINT_OPTIMIZER)
         write_json_atomic(tmp / CHECKPOINT_STATE, state)
@@ -128,7 +151,7 @@ def load_checkpoint_weights(path: Path, model) -> None:
             params[name].copy_(value)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore weights, optimizer, scheduler and RNG from `path`; returns the loop state."""
     try:
         state = json.loads((path / CHECKPOINT_STATE).read_text())
@@ -139,7 +162,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     load_checkpoint_weights(path, model)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
+    rngs = extra["torch_rng"]
+    if rank >= len(rngs):
+        raise PeftlabError(f"checkpoint {path} was written by {len(rngs)} processes: resume with the same number")
+    torch.set_rng_state(rngs[rank])
     if extra["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(extra["cuda_rng"])
     return state
@@ -163,12 +189,21 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
 
     tc = cfg.train
     set_seed(tc.seed)
+    # split_batches: the sampler yields global batches of `batch_size`, and each of N
+    # processes gets 1/N of every batch, so the run sees the same batches on any N.
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
-                              cpu=default_device().type == "cpu")
+                              cpu=default_device().type == "cpu",
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    world = accelerator.num_processes
+    if tc.batch_size % world:
+        raise PeftlabError(f"batch_size={tc.batch_size} does not split over {world} processes: use a multiple of {world}")
+    if world > 1:
+        log.info("distributed: %d processes x %d examples = global batch %d", world, tc.batch_size // world,
+                 tc.batch_size)
     sampler = LengthGroupedBatchSampler(dataset.lengths, tc.batch_size, shuffle=True, seed=tc.seed)
     # A private generator: otherwise each new epoch iterator draws its base seed from the
     # global RNG, shifting the dropout masks that exact --resume must reproduce.
@@ -190,7 +225,7 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     if resume:
         if checkpoint_dir is None or not (checkpoint_dir / "last" / CHECKPOINT_STATE).is_file():
             raise PeftlabError(f"nothing to resume: no checkpoint in {checkpoint_dir}; run without --resume")
-        state = load_checkpoint(checkpoint_dir / "last", plain, optimizer, scheduler)
+        state = load_checkpoint(checkpoint_dir / "last", plain, optimizer, scheduler, accelerator.process_index)
         log.info("resumed from step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batch_in_epoch"])
         if metrics_path and metrics_path.is_file() and main:
             # Drop what was logged after the checkpoint: those steps run again.
@@ -215,17 +250,22 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
 
     def checkpoint() -> None:
         count_tokens()
+        # Every process has its own dropout RNG stream: collect them all for an exact resume.
+        rng_states = gather_objects(torch.get_rng_state()) if checkpoint_dir is not None else None
         if checkpoint_dir is not None and main:
             state["elapsed"] = elapsed_before + time.perf_counter() - start
-            save_checkpoint(checkpoint_dir / "last", plain, state, optimizer, scheduler)
+            save_checkpoint(checkpoint_dir / "last", plain, state, optimizer, scheduler, rng_states)
 
     model.train()
     elapsed_before, start = state["elapsed"], time.perf_counter()
     bar = tqdm(total=total, initial=state["step"], desc="train", disable=None if main else True)
     stop = state.get("early_stopped", False)
     while state["step"] < total and not stop:
-        # accelerate's loader passes the epoch on to the sampler when iteration starts
+        # accelerate's loader re-sets the sampler's epoch from its own counter when iteration
+        # starts (one process) or not at all (several: the sampler sits inside its shard
+        # wrapper), so both are set here.
         loader.set_epoch(state["epoch"])
+        sampler.set_epoch(state["epoch"])
         sampler.skip = state["batch_in_epoch"]
         for batch in loader:
             # forward/backward (autocast comes from accelerate's mixed_precision)
@@ -243,8 +283,8 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
             running_n += 1
             state["step"] += 1
             state["batch_in_epoch"] += 1
-            state["samples"] += batch["input_ids"].shape[0]
-            tokens = batch["attention_mask"].sum()  # stays on the device: no sync
+            state["samples"] += batch["input_ids"].shape[0] * world  # this process holds 1/world
+            tokens = batch["attention_mask"].sum() * world  # stays on the device: no sync
             unread_tokens = tokens if unread_tokens is None else unread_tokens + tokens
             step = state["step"]
             epoch_end = state["batch_in_epoch"] == steps_per_epoch
@@ -255,7 +295,8 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
             bar.update(1)
 
             if step % tc.log_every == 0 or last or (epoch_end and running_n):
-                mean = float(running) / running_n
+                # Each process holds the loss of its share of the batch: average them.
+                mean = float(accelerator.reduce(running, reduction="mean") if world > 1 else running) / running_n
                 running_n = 0
                 if not math.isfinite(mean):
                     kept = checkpoint_dir / "last" if checkpoint_dir and (checkpoint_dir / "last").exists() else None
