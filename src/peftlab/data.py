@@ -544,9 +544,11 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
         test_df = subset(test_df, cfg.max_eval_samples)
 
     # Leakage in the data as used: exact repeats (after strip) within train and across splits.
-    train_keys = _text_keys(train_df)
-    duplicates_in_train = int(train_keys.duplicated().sum())
-    overlap = int(_text_keys(test_df).isin(train_keys).sum())
+    # Python sets: pandas' isin on long texts is several times slower.
+    train_keys = _text_keys(train_df).tolist()
+    train_set = set(train_keys)
+    duplicates_in_train = len(train_keys) - len(train_set)
+    overlap = sum(key in train_set for key in _text_keys(test_df).tolist())
     if overlap:
         log.warning("%d test examples also appear in train (exact text match): test scores may be "
                     "optimistic; dedup=true removes them", overlap)
