@@ -128,6 +128,19 @@ def _first_bad_utf8(path: Path) -> tuple[int, int]:
     return 0, 1
 
 
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """JSON Lines via pyarrow's multithreaded reader (twice as fast as pandas' on the IMDB
+    mirror); whatever pyarrow refuses (a column mixing strings and numbers, a broken line)
+    goes to pandas, which reads mixed columns and words the errors as before."""
+    import pyarrow as pa
+    import pyarrow.json
+
+    try:
+        return pyarrow.json.read_json(pa.input_stream(str(path))).to_pandas()  # .gz: decompressed
+    except pa.ArrowException:
+        return pd.read_json(path, lines=True, dtype=False)
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read one CSV/TSV/JSON/JSONL/Parquet file (optionally .gz) into a DataFrame.
 
@@ -147,7 +160,7 @@ def read_table(path: Path) -> pd.DataFrame:
             return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False,
                                na_values=[""], encoding="utf-8")
         if suffix == ".jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
+            return _read_jsonl(path)
         if suffix == ".json":
             opener = gzip.open if compressed else open
             with opener(path, "rt", encoding="utf-8") as fh:
@@ -713,7 +726,7 @@ def _cache_path(root: Path, tokenizer, texts: list[str], pairs: list[str] | None
 def _read_cache(path: Path, n: int) -> tuple[list[list[int]], int] | None:
     try:
         with np.load(path, allow_pickle=False) as saved:
-            flat, offsets, truncated = saved["ids"].tolist(), saved["offsets"].tolist(), int(saved["truncated"])
+            flat, offsets, truncated = saved["ids"], saved["offsets"], int(saved["truncated"])
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -722,7 +735,7 @@ def _read_cache(path: Path, n: int) -> tuple[list[list[int]], int] | None:
     if len(offsets) != n + 1:
         log.warning("ignoring token cache %s: it holds %d texts, not %d", path, len(offsets) - 1, n)
         return None
-    return [flat[start:end] for start, end in itertools.pairwise(offsets)], truncated
+    return [ids.tolist() for ids in np.split(flat, offsets[1:-1])], truncated
 
 
 def _write_cache(path: Path, input_ids: list[list[int]], truncated: int, about: dict) -> None:
