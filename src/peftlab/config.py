@@ -79,7 +79,7 @@ class DataConfig:
     token_cache: bool = _f(
         True,
         "Cache tokenized texts on disk in $PEFTLAB_CACHE_DIR (default ~/.cache/peftlab/tokens), "
-        "so a rerun skips tokenization.",
+        "so a rerun skips tokenization; token_cache=false (or PEFTLAB_TOKEN_CACHE=0) turns it off.",
     )
 
     def problems(self) -> list[str]:
