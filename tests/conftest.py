@@ -68,6 +68,16 @@ def build_tiny_model(path: Path, kind: str) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_dir(tmp_path_factory):
+    """Every test (and CLI subprocess) caches tokens in a temporary folder, not ~/.cache."""
+    path = tmp_path_factory.mktemp("token-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PEFTLAB_CACHE_DIR", str(path))
+        mp.delenv("PEFTLAB_TOKEN_CACHE", raising=False)
+        yield path
+
+
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "encoder"))

@@ -61,3 +61,15 @@ def test_missing_and_broken_config_files(tmp_path):
 def test_shipped_configs_load(path):
     assert path.read_text().startswith("# peftlab run --config"), "each config is headed by its command"
     load_config(path)
+
+
+def test_data_options_are_validated_and_reach_the_cli():
+    with pytest.raises(PeftlabError) as err:
+        load_config(None, ["truncation=middle", "train_fraction=0", "text_column=a", "text_pair_column=a"])
+    msg = str(err.value)
+    assert "data.truncation='middle' is not one of head, tail, head+tail" in msg
+    assert "data.train_fraction=0.0 must be in (0, 1]" in msg and "text_pair_column must differ" in msg
+    cfg = load_config(None, ["truncation=head+tail", "dedup=true", "text_pair_column=sentence2",
+                             "train_fraction=0.5", "token_cache=false"])
+    assert (cfg.data.truncation, cfg.data.dedup, cfg.data.text_pair_column) == ("head+tail", True, "sentence2")
+    assert cfg.data.train_fraction == 0.5 and cfg.data.token_cache is False

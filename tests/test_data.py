@@ -3,12 +3,13 @@ import json
 import logging
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import SHARED_DATA, make_texts, write_csv
 
 from peftlab import data as data_mod
-from peftlab.config import DataConfig
-from peftlab.data import LengthGroupedBatchSampler, PadCollator, load_data, stratified_split
+from peftlab.config import DataConfig, RunConfig
+from peftlab.data import LengthGroupedBatchSampler, PadCollator, load_data, stratified_split, tokenize
 from peftlab.errors import PeftlabError
 
 
@@ -168,3 +169,243 @@ def test_pad_collator_pads_to_multiple_of_8(side):
     row = batch["input_ids"][1].tolist()
     assert (row[:2] == [6, 7]) if side == "right" else (row[-2:] == [6, 7])
     assert batch["labels"].tolist() == [1, 0]
+
+
+# --- Python API sources -----------------------------------------------------------------
+
+
+def test_dataframe_source_is_split_like_a_file():
+    texts, labels = make_texts(50, seed=0)
+    df = pd.DataFrame({"review": texts, "verdict": labels})
+    bundle = load_data(DataConfig(dataset="my-reviews"), source=df)
+    assert bundle.label_names == ["neg", "pos"] and len(bundle.train_texts) == 40 and len(bundle.test_texts) == 10
+    assert bundle.source == "in-memory DataFrame (train: 50 rows)" and bundle.facts["dataset"] == "my-reviews"
+
+
+def test_dataset_dict_source_keeps_its_splits_and_class_names():
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["spam", "ham"])})
+    train = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, 1, 0, 1]}, features=features)
+    test = datasets.Dataset.from_dict({"text": ["e", "f"], "label": [1, 0]}, features=features)
+    bundle = load_data(DataConfig(), source=datasets.DatasetDict(train=train, test=test))
+    assert bundle.label_names == ["spam", "ham"]  # ClassLabel order, not sorted
+    assert bundle.test_texts == ["e", "f"] and bundle.test_labels == [1, 0]
+
+
+def test_unsupported_source_type_is_an_error():
+    with pytest.raises(PeftlabError, match=r"data source 'train' is a list: pass a pandas DataFrame"):
+        load_data(DataConfig(), source=[("a", 0)])
+
+
+# --- sentence pairs ---------------------------------------------------------------------
+
+
+def _pairs_frame(n=40):
+    texts, labels = make_texts(n, seed=4)
+    return pd.DataFrame({"sentence1": texts, "sentence2": [t[::-1] for t in texts], "label": labels,
+                         "idx": range(n)})
+
+
+def test_pair_column_is_carried_and_not_guessed_as_the_text(caplog):
+    df = _pairs_frame()
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        bundle = load_data(DataConfig(text_pair_column="sentence2"), source=df)
+    assert bundle.facts["text_column"] == "sentence1" and bundle.facts["text_pair_column"] == "sentence2"
+    second = dict(zip(df["sentence1"], df["sentence2"]))
+    assert [second[t] for t in bundle.train_texts] == bundle.train_pairs
+    assert len(bundle.test_pairs) == len(bundle.test_texts) == 8
+
+
+def test_fingerprint_covers_the_second_text():
+    df = _pairs_frame()
+    one = load_data(DataConfig(text_pair_column="sentence2"), source=df)
+    df.loc[0, "sentence2"] = "changed"
+    two = load_data(DataConfig(text_pair_column="sentence2"), source=df)
+    assert one.train_texts == two.train_texts and one.fingerprint != two.fingerprint
+
+
+def test_empty_second_texts_dropped_with_count(caplog):
+    df = _pairs_frame()
+    df.loc[[1, 2], "sentence2"] = ["", None]
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        bundle = load_data(DataConfig(text_pair_column="sentence2"), source=df)
+    assert "dropped 2 train rows with empty or missing second text ('sentence2')" in caplog.text
+    assert len(bundle.train_texts) + len(bundle.test_texts) == 38
+
+
+# --- subsets, duplicates and leakage ----------------------------------------------------
+
+
+def test_train_fraction_is_a_stratified_subset(tmp_path, offline):
+    _mirror(tmp_path, "sms_spam", "train", [{"sms": f"m{i}", "label": int(i % 4 == 0)} for i in range(400)])
+    bundle = load_data(DataConfig(dataset="sms_spam", train_fraction=0.25), str(tmp_path))
+    assert len(bundle.train_texts) == 80 and bundle.train_labels.count(1) == 20
+    assert len(bundle.test_texts) == 80  # the test set is untouched
+
+
+def test_duplicates_and_train_test_overlap_are_counted(tmp_path, caplog):
+    write_csv(tmp_path / "train.csv", ["a", "a ", "b", "c", "d"], ["x", "x", "y", "x", "y"])
+    write_csv(tmp_path / "test.csv", ["b", "e", " c"], ["y", "x", "x"])
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        bundle = load_data(DataConfig(dataset=str(tmp_path)))
+    assert bundle.facts["duplicates_in_train"] == 1  # "a" and "a " are the same after strip
+    assert bundle.facts["train_test_overlap"] == 2 and bundle.facts["duplicates_removed"] is None
+    assert "2 test examples also appear in train" in caplog.text and "dedup=true" in caplog.text
+
+
+def test_dedup_keeps_first_occurrence_and_counts_conflicts(tmp_path, caplog):
+    write_csv(tmp_path / "train.csv", ["a", "a", "b", "c", "d", "b"], ["x", "x", "y", "x", "y", "x"])
+    write_csv(tmp_path / "test.csv", ["b", "e", "c"], ["y", "x", "x"])
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        bundle = load_data(DataConfig(dataset=str(tmp_path), dedup=True))
+    assert bundle.train_texts == ["a", "b", "c", "d"] and bundle.train_labels == [0, 1, 0, 1]  # b keeps y
+    assert bundle.test_texts == ["e"]
+    assert bundle.facts["duplicates_removed"] == 4 and bundle.facts["duplicate_label_conflicts"] == 1
+    assert bundle.facts["duplicates_in_train"] == 0 and bundle.facts["train_test_overlap"] == 0
+    assert "removed 4 rows" in caplog.text and "1 texts appear with conflicting labels" in caplog.text
+
+
+def test_dedup_that_empties_the_test_set_is_an_error(tmp_path):
+    write_csv(tmp_path / "train.csv", ["a", "b", "c"], ["x", "y", "x"])
+    write_csv(tmp_path / "test.csv", ["a", "b"], ["x", "y"])
+    with pytest.raises(PeftlabError, match="dedup left no test set"):
+        load_data(DataConfig(dataset=str(tmp_path), dedup=True))
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sms_spam").is_dir(), reason="../shared/data not beside the checkout")
+def test_real_sms_spam_overlap_and_dedup():
+    plain = load_data(DataConfig(dataset="sms_spam"), str(SHARED_DATA))
+    assert plain.facts["train_test_overlap"] > 0 and plain.facts["duplicates_in_train"] > 0
+    clean = load_data(DataConfig(dataset="sms_spam", dedup=True), str(SHARED_DATA))
+    assert clean.facts["duplicates_removed"] > 0
+    assert clean.facts["train_test_overlap"] == 0 and clean.facts["duplicates_in_train"] == 0
+    assert len(clean.train_texts) + len(clean.test_texts) == 5574 - clean.facts["duplicates_removed"]
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "sms_spam").is_dir(), reason="../shared/data not beside the checkout")
+@pytest.mark.parametrize("name", ["sms_spam", "imdb", "glue/sst2"])
+def test_each_shared_mirror_loads_by_name_through_the_env(name, monkeypatch, offline):
+    """imdb reads two 25,000-review files: a few seconds."""
+    monkeypatch.setenv("PEFTLAB_DATA_DIR", str(SHARED_DATA))
+    cfg = RunConfig(data=DataConfig(dataset=name, max_train_samples=64, max_eval_samples=32))
+    bundle = load_data(cfg.data, cfg.data_dir)
+    assert bundle.source.startswith("mirror ") and len(bundle.train_texts) == 64 and len(bundle.test_texts) == 32
+    assert len(bundle.label_names) == 2 and set(bundle.train_labels) == {0, 1}
+
+
+# --- bad data ---------------------------------------------------------------------------
+
+
+def test_int_labels_with_gaps_read_as_floats_map_to_ints(tmp_path, caplog):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\na,0\nb,1\nc,\nd,1\ne,0\n")  # the blank makes pandas read 0.0/1.0
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        bundle = load_data(DataConfig(dataset=str(path), test_size=0.5))
+    assert "dropped 1 train rows with a missing label" in caplog.text
+    assert bundle.label_names == ["0", "1"]
+    assert all(type(y) is int for y in bundle.train_labels + bundle.test_labels)
+    assert sorted(bundle.train_labels + bundle.test_labels) == [0, 0, 1, 1]
+
+
+def test_non_string_texts_are_counted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps({"text": t, "label": i % 2}) for i, t in enumerate(["a", 5, "b", 7.5, "c"])))
+    with pytest.raises(PeftlabError, match=r"2 train texts in column 'text' are not strings \(e.g. 5\)"):
+        load_data(DataConfig(dataset=str(path)))
+
+
+def test_invalid_utf8_names_file_and_byte_offset(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"text,label\ngood,1\nbad \xff byte,0\n")
+    with pytest.raises(PeftlabError, match=r"d\.csv is not valid UTF-8 \(byte 22, line 3\): re-save it as UTF-8"):
+        load_data(DataConfig(dataset=str(path)))
+
+
+def test_jsonl_file_holding_csv(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("text,label\nhello,1\n")
+    with pytest.raises(PeftlabError, match=r"d\.jsonl could not be read as JSONL .*check that its content is JSONL"):
+        load_data(DataConfig(dataset=str(path)))
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.jsonl", "d.parquet"])
+def test_empty_file_is_a_clear_error(tmp_path, name):
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(PeftlabError, match=r"is empty \(0 bytes\)"):
+        load_data(DataConfig(dataset=str(tmp_path / name)))
+
+
+# --- tokenization, truncation and the token cache ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_encoder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_encoder)
+
+
+def _long_texts():
+    texts, _ = make_texts(30, seed=5)
+    return texts, [t[: len(t) // 2] or "w1" for t in reversed(texts)]
+
+
+@pytest.mark.parametrize("max_length", [8, 13, 64])
+def test_head_truncation_matches_transformers(tokenizer, max_length):
+    texts, pairs = _long_texts()
+    single = tokenize(tokenizer, texts, None, max_length, cache=False)
+    assert single.input_ids == tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    paired = tokenize(tokenizer, texts, None, max_length, pairs=pairs, cache=False)
+    assert paired.input_ids == tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
+
+
+def test_tail_and_head_tail_keep_special_tokens_and_count_cuts(tokenizer):
+    text = " ".join(f"w{i}" for i in range(30))  # 30 tokens + [CLS] + [SEP]
+    words = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    tail = tokenize(tokenizer, [text, "w1 w2"], None, 10, truncation="tail", cache=False)
+    assert tail.input_ids[0] == [cls] + words[-8:] + [sep] and tail.truncated == 1
+    both = tokenize(tokenizer, [text], None, 34, truncation="head+tail", cache=False)
+    assert both.input_ids[0] == [cls] + words + [sep] and both.truncated == 0  # fits: untouched
+    both = tokenize(tokenizer, [text], None, 22, truncation="head+tail", cache=False)
+    assert both.input_ids[0] == [cls] + words[:5] + words[-15:] + [sep]  # 128/510 of 20 = 5 head tokens
+
+
+def test_max_length_without_room_for_text_is_an_error(tokenizer):
+    with pytest.raises(PeftlabError, match="max_length=2 leaves no room for text"):
+        tokenize(tokenizer, ["w1"], None, 2, cache=False)
+
+
+def test_second_tokenize_reads_the_cache_without_the_tokenizer(tokenizer, token_cache_dir, monkeypatch):
+    texts, pairs = _long_texts()
+    first = tokenize(tokenizer, texts, [0] * 30, 12, pairs=pairs, truncation="head+tail")
+    assert first.truncated > 0 and list(token_cache_dir.glob("*.npz"))
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the tokenizer was called")
+
+    monkeypatch.setattr(type(tokenizer), "__call__", no_tokenizing)
+    second = tokenize(tokenizer, texts, [0] * 30, 12, pairs=pairs, truncation="head+tail")
+    assert second.input_ids == first.input_ids and second.truncated == first.truncated
+    assert second.lengths == first.lengths and second.labels == [0] * 30
+    with pytest.raises(AssertionError, match="tokenizer was called"):  # other settings: another key
+        tokenize(tokenizer, texts, None, 12, pairs=pairs, truncation="tail")
+    monkeypatch.setenv("PEFTLAB_TOKEN_CACHE", "0")
+    with pytest.raises(AssertionError, match="tokenizer was called"):
+        tokenize(tokenizer, texts, None, 12, pairs=pairs, truncation="head+tail")
+
+
+def test_cache_files_are_plain_arrays_and_corrupt_ones_are_ignored(tokenizer, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PEFTLAB_CACHE_DIR", str(tmp_path))
+    texts, _ = _long_texts()
+    first = tokenize(tokenizer, texts, None, 16)
+    (path,) = tmp_path.glob("*.npz")
+    with np.load(path, allow_pickle=False) as saved:  # no pickle needed to read it
+        assert saved["ids"].dtype == np.int32 and len(saved["offsets"]) == 31
+        assert json.loads(str(saved["about"]))["max_length"] == 16
+    path.write_bytes(b"not a zip file")
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        again = tokenize(tokenizer, texts, None, 16)
+    assert again.input_ids == first.input_ids and "ignoring unreadable token cache" in caplog.text
+    assert not list(tmp_path.glob(".*.tmp"))

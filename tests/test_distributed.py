@@ -1,5 +1,6 @@
 """The same run under torchrun with 2 CPU processes (gloo) as in one process."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import make_texts, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,10 +53,8 @@ def _kill_tree(pid: int) -> None:
         tree.append(p)
         todo += parents.get(p, [])
     for p in tree:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _report(cwd, name):

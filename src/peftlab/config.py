@@ -28,6 +28,9 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+TRUNCATION_MODES = ("head", "tail", "head+tail")
+
+
 @dataclass
 class DataConfig:
     """What to train and evaluate on."""
@@ -43,6 +46,11 @@ class DataConfig:
         "defaults to $PEFTLAB_DATA_DIR.",
     )
     text_column: str | None = _f(None, "Column holding the text (inferred when not given).")
+    text_pair_column: str | None = _f(
+        None,
+        "Column holding the second text of sentence-pair tasks (e.g. sentence2 for GLUE MRPC, "
+        "sentence for QNLI with text_column=question); the two are tokenized as a pair.",
+    )
     label_column: str | None = _f(None, "Column holding the label (inferred when not given).")
     test_size: float = _f(
         0.2, "Fraction held out as the test set when the dataset has no test split."
@@ -54,11 +62,29 @@ class DataConfig:
     max_eval_samples: int | None = _f(
         None, "Use a stratified subset of at most this many test examples."
     )
+    train_fraction: float = _f(
+        1.0, "Use a stratified subset of this fraction of the training examples (before max_train_samples)."
+    )
+    dedup: bool = _f(
+        False,
+        "Remove exact duplicate texts (compared after stripping surrounding whitespace) before "
+        "splitting, keeping the first; with given splits, test texts also in train are removed.",
+    )
     max_length: int = _f(256, "Truncate texts to this many tokens.")
     validation_size: float = _f(
         0.0,
         "Carve this fraction of the training set (stratified) as a validation split for "
         "model selection and early stopping; 0 for none.",
+    )
+    truncation: str = _f(
+        "head",
+        "Which tokens a text longer than max_length keeps: head (the first), tail (the last) or "
+        "head+tail (the first quarter and the last three quarters, 128 + 382 of BERT's 510).",
+    )
+    token_cache: bool = _f(
+        True,
+        "Cache tokenized texts on disk in $PEFTLAB_CACHE_DIR (default ~/.cache/peftlab/tokens), "
+        "so a rerun skips tokenization; token_cache=false (or PEFTLAB_TOKEN_CACHE=0) turns it off.",
     )
 
     def problems(self) -> list[str]:
@@ -73,8 +99,14 @@ class DataConfig:
                 out.append(f"data.{name}={value} must be at least 2 (or unset for all rows)")
         if not 0.0 <= self.validation_size < 1.0:
             out.append(f"data.validation_size={self.validation_size} must be in [0, 1), e.g. 0.1")
+        if not 0.0 < self.train_fraction <= 1.0:
+            out.append(f"data.train_fraction={self.train_fraction} must be in (0, 1], e.g. 0.1")
         if self.max_length < 8:
             out.append(f"data.max_length={self.max_length} is too small: use at least 8")
+        if self.truncation not in TRUNCATION_MODES:
+            out.append(f"data.truncation={self.truncation!r} is not one of {', '.join(TRUNCATION_MODES)}")
+        if self.text_pair_column is not None and self.text_pair_column == self.text_column:
+            out.append("data.text_pair_column must differ from data.text_column")
         return out
 
 

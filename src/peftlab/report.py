@@ -43,6 +43,25 @@ def console_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _data_quality_lines(data: dict) -> list[str]:
+    """Duplicates, train/test overlap and truncation, for the Data section (reports written
+    before these facts existed simply lack the lines)."""
+    out = []
+    if data.get("duplicates_removed") is not None:
+        conflicts = data.get("duplicate_label_conflicts") or 0
+        out.append(f"- dedup: removed {data['duplicates_removed']:,} repeated texts before splitting"
+                   + (f" ({conflicts:,} texts had conflicting labels; the first was kept)" if conflicts else ""))
+    if "train_test_overlap" in data:
+        overlap = data["train_test_overlap"]
+        out.append(f"- duplicates: {data['duplicates_in_train']:,} repeated texts within train; "
+                   + (f"**{overlap:,} test texts also in train** (scores may be optimistic)" if overlap
+                      else "the test set does not overlap train"))
+    if "truncated_train" in data:
+        out.append(f"- truncation: {data['truncated_train']:,} train / {data['truncated_test']:,} test texts "
+                   f"longer than {data['max_length']} tokens kept their {data['truncation']}")
+    return out
+
+
 def markdown(report: dict) -> str:
     """report.md: what ran, the comparison table, and the facts needed to trust it."""
     cfg = report["config"]
@@ -70,9 +89,14 @@ def markdown(report: dict) -> str:
         "",
         f"- source: {data['source']} ({data['rows_read']:,} rows read)",
         f"- split: {data['split']}",
-        f"- columns: text `{data['text_column']}`, label `{data['label_column']}`",
+        f"- columns: text `{data['text_column']}`"
+        + (f", second text `{data['text_pair_column']}`" if data.get("text_pair_column") else "")
+        + f", label `{data['label_column']}`",
         f"- train labels: {data['train_label_counts']}",
         f"- test labels: {data['test_label_counts']}",
+    ]
+    out += _data_quality_lines(data)
+    out += [
         f"- fingerprint: `{data['fingerprint']}`",
         "",
         "## Confusion matrices (rows: true, columns: predicted)",
