@@ -10,6 +10,8 @@ batch size, epochs, learning rate and seed:
   a  stock:   Trainer + peft LoRA + DataCollatorWithPadding (random batches), fp32
   b  grouped: the same with train_sampling_strategy="group_by_length"
   c  peftlab: peftlab's native loop (length-grouped batches, precision=auto)
+  d  peftlab_nodrop: c with the base model's own dropout off (model_dropout=0; LoRA's
+     dropout stays), a speed option, not the default
 It also measures this machine's fp32/bf16 matmul rate and prints peftlab's training time
 as a multiple of the arithmetic floor: FLOPs for the real (non-padding) tokens divided by
 the measured fp32 rate. FLOPs per token = 4 x (linear-layer weights) — a forward pass (2)
@@ -114,7 +116,7 @@ def run_stock(args, grouped: bool) -> dict:
             "train_n": len(bundle.train_texts), "eval_n": len(bundle.test_texts)}
 
 
-def run_peftlab(args) -> dict:
+def run_peftlab(args, extra: list[str] = ()) -> dict:
     from peftlab.config import load_config
     from peftlab.experiment import run_experiment
 
@@ -124,6 +126,7 @@ def run_peftlab(args) -> dict:
                      "target_modules=[query,value]" if args.model == "minilm" else "target_modules=[q_proj,v_proj]",
                      f"precision={args.precision}", f"eval_batch_size={args.eval_batch_size}",
                      f"output_dir={out}", "save_every=0", "log_every=1000000"]
+        overrides += list(extra)
         if args.data_dir:
             overrides.append(f"data_dir={args.data_dir}")
         for key in ("max_train_samples", "max_eval_samples"):
@@ -159,7 +162,8 @@ def model_facts(args) -> dict:
 
 def child(args) -> None:
     result = {"stock": lambda: run_stock(args, False), "grouped": lambda: run_stock(args, True),
-              "peftlab": lambda: run_peftlab(args), "facts": lambda: model_facts(args)}[args.variant]()
+              "peftlab": lambda: run_peftlab(args), "facts": lambda: model_facts(args),
+              "peftlab_nodrop": lambda: run_peftlab(args, ["model_dropout=0"])}[args.variant]()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -208,8 +212,9 @@ def main() -> None:
     print("\n| variant | train samples/s | real tokens/s | eval samples/s | peak RSS MB | accuracy |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        label = {"stock": "a stock Trainer", "grouped": "b Trainer + group_by_length", "peftlab": "c peftlab"}[name]
-        if name == "peftlab":
+        label = {"stock": "a stock Trainer", "grouped": "b Trainer + group_by_length", "peftlab": "c peftlab",
+                 "peftlab_nodrop": "d peftlab, model_dropout=0"}[name]
+        if name.startswith("peftlab"):
             label += f" ({r['precision']})"
         r["train_sps"] = r["train_n"] * args.epochs / r["train_seconds"]
         r["eval_sps"] = r["eval_n"] / r["eval_seconds"]

@@ -55,3 +55,16 @@ def test_decoder_logits_same_alone_and_in_padded_batch(tiny_decoder, side):
         alone = model(**collate([short])).logits[0]
         batched = model(**collate([long, short])).logits[1]
     torch.testing.assert_close(alone, batched, rtol=1e-5, atol=1e-5)
+
+
+def test_model_dropout_override_reaches_every_dropout(tiny_encoder, tiny_decoder):
+    from peftlab.models import set_model_dropout
+
+    model, _, _ = load_model(ModelConfig(name=tiny_encoder), 2)
+    assert any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    set_model_dropout(model, 0.0)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert model.config.hidden_dropout_prob == 0.0 and model.config.attention_probs_dropout_prob == 0.0
+    model.train()
+    x = {"input_ids": torch.tensor([[2, 10, 11, 12, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    torch.testing.assert_close(model(**x).logits, model(**x).logits)  # no randomness left in training mode

@@ -123,6 +123,11 @@ class ModelConfig:
     trust_remote_code: bool = _f(
         False, "Allow a Hub model to run its own Python code (off: only enable for code you trust)."
     )
+    model_dropout: float | None = _f(
+        None,
+        "Override the base model's own dropout (hidden and attention) during training; 0 turns it "
+        "off, which is faster on CPUs, where dropout's random numbers are costly. Default: keep.",
+    )
     allow_pickle: bool = _f(
         False,
         "Allow loading weights from pickle files (pytorch_model.bin, adapter_model.bin), which "
@@ -133,6 +138,8 @@ class ModelConfig:
         out = []
         if not self.name:
             out.append("model.name is empty: name a model, e.g. model=minilm")
+        if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
+            out.append(f"model.model_dropout={self.model_dropout} must be in [0, 1)")
         if self.dtype not in ("fp32", "bf16", "fp16", "auto"):
             out.append(f"model.dtype={self.dtype!r} is not one of fp32, bf16, fp16, auto")
         return out

@@ -20,7 +20,7 @@ from peftlab.data import DataBundle, PadCollator, load_data, tokenize
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import compute_metrics, evaluate, predict_logits, softmax
 from peftlab.methods import apply_method, count_parameters
-from peftlab.models import base_fingerprint, head_module_names, load_model
+from peftlab.models import base_fingerprint, head_module_names, load_model, set_model_dropout
 from peftlab.report import markdown
 from peftlab.train import (
     default_device,
@@ -153,6 +153,8 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         bundle = load_data(cfg.data, cfg.data_dir)
     torch.manual_seed(cfg.train.seed)
     model, tokenizer, source = load_model(cfg.model, len(bundle.label_names), bundle.label_names)
+    if cfg.model.model_dropout is not None:
+        set_model_dropout(model, cfg.model.model_dropout)
     state = distributed_state()
     device = state.device if state.num_processes > 1 else default_device()
     model.to(device)

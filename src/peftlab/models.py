@@ -200,3 +200,19 @@ def head_module_names(model) -> list[str]:
             f"use a model that supports AutoModelForSequenceClassification"
         )
     return names
+
+
+def set_model_dropout(model, p: float) -> None:
+    """Set every dropout of the base model (hidden, attention, classifier) to `p`."""
+    import torch.nn as nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style attention
+            module.attention_dropout = p
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",
+                "attention_probs_dropout", "classifier_dropout"):
+        if getattr(model.config, key, None) is not None:
+            setattr(model.config, key, p)
+    log.info("model dropout set to %g", p)
