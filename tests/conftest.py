@@ -114,3 +114,16 @@ def tiny_cfg(tiny_encoder, sentiment_dir, tmp_path):
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_peftlab_logger():
+    """`peftlab.cli.main` (called in-process by some tests) points the peftlab logger at
+    stderr and stops propagation; undo that so caplog sees the next test's records."""
+    import logging
+
+    yield
+    logger = logging.getLogger("peftlab")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

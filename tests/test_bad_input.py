@@ -66,7 +66,7 @@ CASES = [
     (["run", "dataset=./missing.csv"], "dataset file ./missing.csv does not exist"),
     (["run", "dataset={latin1}"], "is not valid UTF-8"),
     (["run", "dataset={fakeparquet}"], "could not be read as PARQUET"),
-    (["run", "dataset={emptycsv}"], "could not be read as CSV"),
+    (["run", "dataset={emptycsv}"], "is empty (0 bytes)"),
     # columns and labels
     (["run", "dataset={csv}", "text_column=body"], "text column 'body' not in"),
     (["run", "dataset={csv}", "label_column=lab"], "label column 'lab' not in"),
