@@ -209,7 +209,8 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     # 6. save the adapter (trainable weights + head) as one self-describing unit
     adapter_dir = run_dir / "adapter"
     meta = {
-        "base_model": cfg.model.name,
+        # Aliases and Hub ids as given; local paths made absolute, so the adapter loads from anywhere.
+        "base_model": cfg.model.name if source.kind in ("alias", "hub") else str(Path(cfg.model.name).resolve()),
         "base_model_class": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
         "base_model_source": {"kind": source.kind, "path": source.path, "gguf_file": source.gguf_file},
         "base_model_fingerprint": fingerprint,
