@@ -170,12 +170,20 @@ def peft_config(model, cfg: MethodConfig, heads: list[str]):
         import inspect
 
         if "past_key_values" not in inspect.signature(model.forward).parameters:
+            # peft passes the prefixes as `past_key_values`; transformers 5 decoders renamed it.
             raise PeftlabError(f"prefix_tuning feeds learned keys/values through past_key_values, which "
-                               f"{type(model).__name__} does not accept: use prompt_tuning or p_tuning")
+                               f"{type(model).__name__} (transformers {_transformers_version()}) does not "
+                               f"accept: use prompt_tuning or p_tuning")
         return peft.PrefixTuningConfig(**prompt)
     if name == "p_tuning":
         return peft.PromptEncoderConfig(encoder_hidden_size=cfg.encoder_hidden_size, **prompt)
     raise PeftlabError(f"{name!r} is not a peft method: choose one of {', '.join(PEFT_METHODS)}")
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _check_loftq() -> None:
