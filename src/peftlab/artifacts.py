@@ -4,7 +4,8 @@ An adapter directory holds what PEFT writes (`adapter_config.json`,
 `adapter_model.safetensors`, loadable with plain `PeftModel.from_pretrained`) plus
 `peftlab.json`: base model, label names, method config, data fingerprint, metrics, package
 versions and a SHA-256 of every weight file. `full` runs hold a complete model
-(`model.safetensors` + config + tokenizer); `head` runs hold only `head.safetensors`.
+(`model.safetensors` + config + tokenizer); `head` and `bitfit` runs hold only
+`head.safetensors` (the head, and for bitfit every bias).
 Directories are written under a temporary name and renamed into place, so a crash never
 leaves a half-written adapter where a good one was.
 """
@@ -20,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from peftlab.config import PEFT_METHODS
 from peftlab.errors import PeftlabError
 
 log = logging.getLogger("peftlab")
@@ -97,18 +99,19 @@ def save_adapter(model, adapter_dir: Path, meta: dict, tokenizer=None) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}.tmp-"))
     try:
         method = meta["method"]["name"]
-        if method == "lora":
+        if method in PEFT_METHODS:
             model.save_pretrained(tmp)
         elif method == "full":
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-        elif method == "head":
+        elif method in ("head", "bitfit"):
+            # Only what trained: the head (and, for bitfit, the biases) over the frozen base.
             from safetensors.torch import save_file
 
             heads = meta["head_modules"]
             state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                     if k.split(".")[0] in heads}
+                     if k.split(".")[0] in heads or (method == "bitfit" and k.endswith(".bias"))}
             save_file(state, tmp / HEAD_FILE)
         else:
             raise PeftlabError(f"cannot save method {method!r}")
@@ -189,7 +192,8 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
         )
     else:
         model, tokenizer, _ = load_model(
-            ModelConfig(name=base, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
+            ModelConfig(name=base, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                        quantization=meta.get("quantization", "none")),
             len(labels), labels)
         expected = meta.get("base_model_fingerprint")
         if expected and base_fingerprint(model) != expected:
@@ -198,8 +202,10 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
                 f"{expected}), but {base!r} has fingerprint {base_fingerprint(model)}: load it on its own base "
                 f"model (--model {meta['base_model']})"
             )
-        if method == "lora":
+        if method in PEFT_METHODS:
             from peft import PeftModel
+
+            from peftlab.methods import fix_prompt_pooling
 
             try:
                 model = PeftModel.from_pretrained(model, str(adapter_dir))
@@ -209,7 +215,8 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
                     f"adapter {adapter_dir} does not fit base model {base!r} ({first}): load it on "
                     f"the base model it was trained on ({meta['base_model']})"
                 ) from None
-        elif method == "head":
+            fix_prompt_pooling(model)
+        elif method in ("head", "bitfit"):
             from safetensors.torch import load_file
 
             state = load_file(adapter_dir / HEAD_FILE)
@@ -220,3 +227,51 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
             raise PeftlabError(f"{adapter_dir}: unknown method {method!r} in {META_FILE}")
     model.eval()
     return model, tokenizer, meta
+
+
+def export_merged(adapter_dir: Path, out_dir: Path, *, overwrite: bool = False, allow_pickle: bool = False) -> Path:
+    """Write a standalone model: the adapter merged into its base weights (safetensors), the
+    tokenizer and the label names, loadable with plain `AutoModelForSequenceClassification`.
+
+    Raises PeftlabError for methods that cannot merge (prompt methods add virtual tokens
+    at every call), quantized bases, or an existing `out_dir` without `overwrite`.
+    """
+    from peftlab.methods import mergeable
+
+    meta = read_meta(adapter_dir)
+    method = meta["method"]["name"]
+    if not mergeable(method):
+        raise PeftlabError(
+            f"{method} adapters cannot be merged into the base weights (their virtual tokens are added at "
+            f"every call): use the adapter as it is (peftlab predict, or PeftModel.from_pretrained)"
+        )
+    if meta.get("quantization", "none") != "none":
+        raise PeftlabError(
+            f"this adapter was trained on a {meta['quantization']} quantized base, and merging into quantized "
+            f"weights would round the update away: merge it on a GPU machine into a bf16 base with peft"
+        )
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise PeftlabError(f"export folder {out_dir} already exists and is not empty: pass --overwrite or "
+                           f"choose another folder")
+    model, tokenizer, meta = load_adapter(Path(meta["_dir"]), allow_pickle=allow_pickle)
+    if hasattr(model, "merge_and_unload"):
+        # Folds the update into the base weights and swaps the head wrapper for the trained head.
+        model = model.merge_and_unload()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        weights = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
+        write_json_atomic(tmp / "peftlab-export.json", {
+            "exported_from": meta["_dir"], "base_model": meta["base_model"], "method": meta["method"],
+            "label_names": meta["label_names"], "metrics": meta.get("metrics"), "versions": package_versions(),
+            "weights_sha256": {name: sha256_file(tmp / name) for name in weights},
+        })
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s (merged %s adapter) to %s (%.1f MB)", meta["base_model"], method, out_dir,
+             dir_size(out_dir) / 1e6)
+    return out_dir

@@ -136,6 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print one JSON object per text.")
     p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
     common(p)
+
+    p = sub.add_parser(
+        "methods", help="List every fine-tuning method with its trainable parameters on a model.",
+        description="List every fine-tuning method with the number of parameters it would train on "
+                    "a model (each built on a copy of the loaded model).",
+        epilog="examples:\n  peftlab methods\n  peftlab methods --model smollm2-135m",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="minilm", help="Model to count on (default: minilm).")
+    common(p)
+
+    p = sub.add_parser(
+        "export", help="Write a standalone model with the adapter merged into its weights.",
+        description="Merge a trained adapter into its base model and write a standalone model "
+                    "folder (safetensors, tokenizer, label names) that plain "
+                    "AutoModelForSequenceClassification.from_pretrained loads.",
+        epilog="examples:\n  peftlab export runs/minilm-sms_spam-lora --merge exported/spam-minilm",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", metavar="RUN_OR_ADAPTER_DIR", help="Adapter folder or run folder.")
+    p.add_argument("--merge", metavar="OUT_DIR", required=True, help="Folder to write the merged model to.")
+    p.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR if it exists.")
+    p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
+    common(p)
     return parser
 
 
@@ -236,6 +258,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from peftlab.methods import method_table
+
+    # One "method: ..." log line per method would repeat the table.
+    log.setLevel(logging.WARNING)
+    rows = method_table(args.model)
+    print(f"methods on {args.model} ({rows[0]['total']:,} parameters):\n")
+    print(f"{'method':<15}{'trainable':>12}{'%':>9}  what it trains")
+    for row in rows:
+        if row["trainable"] is None:
+            print(f"{row['method']:<15}{'-':>12}{'-':>9}  not here: {row['about']}")
+        else:
+            share = 100 * row["trainable"] / row["total"]
+            print(f"{row['method']:<15}{row['trainable']:>12,}{share:>8.3f}%  {row['about']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from peftlab.artifacts import export_merged
+
+    out = export_merged(args.adapter, args.merge, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
+    print(f"exported a standalone model to {out}: load it with "
+          f"AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -248,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, train_only=args.command == "train")
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "methods":
+            return cmd_methods(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_predict(args)
     except PeftlabError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)

@@ -120,6 +120,14 @@ class ModelConfig:
         "or a .gguf file.",
     )
     dtype: str = _f("fp32", "Weight dtype when loading: fp32, bf16, fp16 or auto.")
+    device: str = _f(
+        "auto", "Device to train and evaluate on: auto (CUDA, then MPS, then CPU), cpu, cuda or mps."
+    )
+    quantization: str = _f(
+        "none",
+        "Load the base weights quantized with bitsandbytes (needs CUDA): none, 4bit or 8bit; "
+        "method=qlora implies 4bit. The classification head stays unquantized.",
+    )
     trust_remote_code: bool = _f(
         False, "Allow a Hub model to run its own Python code (off: only enable for code you trust)."
     )
@@ -142,10 +150,21 @@ class ModelConfig:
             out.append(f"model.model_dropout={self.model_dropout} must be in [0, 1)")
         if self.dtype not in ("fp32", "bf16", "fp16", "auto"):
             out.append(f"model.dtype={self.dtype!r} is not one of fp32, bf16, fp16, auto")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            out.append(f"model.device={self.device!r} is not one of auto, cpu, cuda, mps")
+        if self.quantization not in ("none", "4bit", "8bit"):
+            out.append(f"model.quantization={self.quantization!r} is not one of none, 4bit, 8bit")
         return out
 
 
-METHODS = ("lora", "full", "head")
+# LoRA and the variants that change only its configuration (peft's LoraConfig).
+LORA_METHODS = ("lora", "dora", "rslora", "pissa", "olora", "loftq", "lora_plus", "qlora")
+# Methods that prepend learned (virtual) tokens instead of changing weights; they cannot merge.
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
+PEFT_METHODS = LORA_METHODS + ("adalora", "ia3", "loha", "lokr", "vera", "boft", "oft") + PROMPT_METHODS
+# Methods that train a subset of the model's own weights (no peft wrapper).
+NATIVE_METHODS = ("full", "head", "bitfit")
+METHODS = PEFT_METHODS + NATIVE_METHODS
 
 
 @dataclass
@@ -154,17 +173,33 @@ class MethodConfig:
 
     name: str = _f(
         "lora",
-        "Fine-tuning method: lora (adapter + head), full (every weight) or head "
-        "(classification head only: a linear probe).",
+        "Fine-tuning method: lora, dora, rslora, pissa, olora, loftq, lora_plus, qlora, adalora, "
+        "ia3, loha, lokr, vera, boft, oft, prompt_tuning, prefix_tuning, p_tuning (peft adapters, "
+        "head always trained); bitfit (biases + head), head (head only: a linear probe) or full "
+        "(every weight). `peftlab methods` lists them with their parameter counts.",
     )
-    r: int = _f(8, "LoRA rank.")
-    alpha: float = _f(16, "LoRA scaling numerator (the update is scaled by alpha / r).")
-    dropout: float = _f(0.1, "Dropout on the LoRA input.")
+    r: int = _f(
+        8,
+        "Rank of lora-family, loha, lokr and boft/oft adapters; AdaLoRA's average target rank; "
+        "VeRA uses vera_r instead.",
+    )
+    alpha: float = _f(16, "LoRA/LoHa/LoKr scaling numerator (the update is scaled by alpha / r, "
+                          "alpha / sqrt(r) for rslora).")
+    dropout: float = _f(0.1, "Dropout on the adapter input (lora family, loha, lokr, vera, boft, oft).")
     target_modules: list[str] | None = _f(
         None,
-        "Module names to adapt; default: the attention projections of the architecture; "
-        "'all-linear' for every linear layer.",
+        "Module names to adapt; default: the attention projections of the architecture (for "
+        "ia3 also the feedforward output); 'all-linear' for every linear layer.",
     )
+    lora_plus_ratio: float = _f(
+        16, "lora_plus: learning rate of the LoRA B matrices = lr x this ratio (LoRA+ paper: 16)."
+    )
+    adalora_init_r: int = _f(12, "adalora: starting rank of every module, pruned towards r on average.")
+    vera_r: int = _f(256, "vera: rank of the shared random projections (VeRA needs a high rank).")
+    num_virtual_tokens: int = _f(
+        20, "prompt_tuning, prefix_tuning, p_tuning: number of learned virtual tokens."
+    )
+    encoder_hidden_size: int = _f(128, "p_tuning: hidden size of the prompt encoder (an MLP).")
 
     def problems(self) -> list[str]:
         out = []
@@ -172,10 +207,13 @@ class MethodConfig:
             hint = difflib.get_close_matches(self.name, METHODS, n=1)
             fix = f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(METHODS)}"
             out.append(f"method.name={self.name!r} is not a known method: {fix}")
-        if self.r < 1:
-            out.append(f"method.r={self.r} must be a positive rank, e.g. 8")
+        for name in ("r", "adalora_init_r", "vera_r", "num_virtual_tokens", "encoder_hidden_size"):
+            if getattr(self, name) < 1:
+                out.append(f"method.{name}={getattr(self, name)} must be a positive integer")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"method.dropout={self.dropout} must be in [0, 1)")
+        if self.lora_plus_ratio < 1:
+            out.append(f"method.lora_plus_ratio={self.lora_plus_ratio} must be at least 1, e.g. 16")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         return out
@@ -194,7 +232,9 @@ class TrainConfig:
     batch_size: int = _f(16, "Training batch size.")
     eval_batch_size: int = _f(64, "Evaluation batch size.")
     lr: float | None = _f(
-        None, "Peak learning rate; default 1e-3 for lora, 5e-5 for full, 5e-3 for head."
+        None,
+        "Peak learning rate; default per method (config.DEFAULT_LR): 1e-3 for the lora family, "
+        "1e-2 for ia3/vera/prompt methods, 5e-5 for full, 5e-3 for head/bitfit.",
     )
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     warmup_ratio: float = _f(0.06, "Fraction of steps spent warming the learning rate up.")
@@ -246,7 +286,16 @@ class TrainConfig:
         return out
 
 
-DEFAULT_LR = {"lora": 1e-3, "full": 5e-5, "head": 5e-3}
+# Peak learning rates that work for each method (methods with fewer, scaling-style
+# parameters need larger steps); benchmarked in bench/methods.py.
+DEFAULT_LR = {
+    **dict.fromkeys(LORA_METHODS + ("adalora", "loha", "lokr", "boft", "oft"), 1e-3),
+    "lora_plus": 5e-4,  # the LoRA+ paper halves the LoRA rate: B trains at 16x this
+    "adalora": 2e-3,
+    **dict.fromkeys(("ia3", "vera") + PROMPT_METHODS, 1e-2),
+    "full": 5e-5,
+    **dict.fromkeys(("head", "bitfit"), 5e-3),
+}
 
 
 @dataclass
@@ -266,12 +315,17 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Collect every problem, then raise once (so the user fixes them in one go)."""
         problems = []
+        if self.method.name == "qlora" and self.model.quantization == "none":
+            self.model.quantization = "4bit"
         for section in (self.data, self.model, self.method, self.train):
             problems += section.problems()
         if self.train.engine == "trainer" and self.data.validation_size:
             problems.append("validation_size (model selection) needs engine=native")
         if self.train.early_stopping_patience and not self.data.validation_size:
             problems.append("early_stopping_patience needs a validation split: set validation_size=0.1")
+        if self.model.quantization != "none" and self.method.name not in LORA_METHODS + ("adalora",):
+            problems.append(f"model.quantization={self.model.quantization} needs a LoRA-family method "
+                            f"(e.g. method=qlora), not {self.method.name}")
         if problems:
             raise PeftlabError("invalid config: " + "; ".join(problems))
         return self

@@ -20,10 +20,9 @@ from peftlab.data import DataBundle, PadCollator, load_data, tokenize
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import compute_metrics, evaluate, predict_logits, softmax
 from peftlab.methods import apply_method, count_parameters
-from peftlab.models import base_fingerprint, head_module_names, load_model, set_model_dropout
+from peftlab.models import base_fingerprint, head_module_names, load_model, resolve_device, set_model_dropout
 from peftlab.report import markdown
 from peftlab.train import (
-    default_device,
     distributed_state,
     predict_logits_trainer,
     resolve_precision,
@@ -152,12 +151,15 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     if bundle is None:
         bundle = load_data(cfg.data, cfg.data_dir)
     torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.model.device)
     model, tokenizer, source = load_model(cfg.model, len(bundle.label_names), bundle.label_names)
     if cfg.model.model_dropout is not None:
         set_model_dropout(model, cfg.model.model_dropout)
     state = distributed_state()
-    device = state.device if state.num_processes > 1 else default_device()
-    model.to(device)
+    if state.num_processes > 1:
+        device = state.device  # each process its own GPU (or the CPU)
+    if cfg.model.quantization == "none":  # bitsandbytes places quantized weights itself
+        model.to(device)
     precision = resolve_precision(cfg.train.precision, device)
     collator = PadCollator(tokenizer.pad_token_id, tokenizer.padding_side)
     token_options = {"truncation": cfg.data.truncation, "cache": cfg.data.token_cache}
@@ -218,6 +220,7 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "num_labels": len(bundle.label_names),
         "head_modules": heads,
         "method": cfg.to_dict()["method"],
+        "quantization": cfg.model.quantization,
         "max_length": cfg.data.max_length,
         "truncation": cfg.data.truncation,
         "data": {"dataset": cfg.data.dataset, "fingerprint": bundle.fingerprint, "source": bundle.source,
@@ -237,7 +240,8 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         reloaded, _, _ = artifacts.load_adapter(adapter_dir, dtype=cfg.model.dtype,
                                                 trust_remote_code=cfg.model.trust_remote_code,
                                                 allow_pickle=cfg.model.allow_pickle)
-        reloaded.to(device)
+        if cfg.model.quantization == "none":
+            reloaded.to(device)
         report_reloaded, reloaded_logits = _eval(reloaded, test_ds, collator, bundle, cfg, precision,
                                                  work_dir, "reloaded")
         _log_metrics("reloaded", report_reloaded)
@@ -300,7 +304,7 @@ def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir:
         model, tokenizer, _ = load_model(ModelConfig(name=model_name, trust_remote_code=trust_remote_code,
                                                      allow_pickle=allow_pickle),
                                          len(bundle.label_names), bundle.label_names)
-    device = default_device()
+    device = resolve_device()
     model.to(device)
     precision = resolve_precision(precision, device)
     dataset = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, data_cfg.max_length,
@@ -320,7 +324,7 @@ class Predictor:
                  allow_pickle: bool = False):
         self.model, self.tokenizer, self.meta = artifacts.load_adapter(Path(adapter_dir), model_name,
                                                                        allow_pickle=allow_pickle)
-        self.device = default_device()
+        self.device = resolve_device()
         self.model.to(self.device)
         self.precision = resolve_precision(precision, self.device)
         self.label_names = self.meta["label_names"]

@@ -156,6 +156,8 @@ def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None 
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {
         "use_safetensors": None if cfg.allow_pickle else True}
     names = label_names or [str(i) for i in range(num_labels)]
+    if cfg.quantization != "none":
+        kwargs["quantization_config"] = quantization_config(cfg.quantization)
     # The "newly initialized head" report is expected here (we add the head on purpose).
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
@@ -190,10 +192,51 @@ def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None 
     return model, tokenizer, source
 
 
+# Every name a sequence-classification head goes by in transformers.
+HEAD_NAMES = ("pre_classifier", "classifier", "score")
+
+
+def quantization_config(bits: str):
+    """bitsandbytes settings for 4bit (QLoRA: NF4, double quantization) or 8bit base weights.
+
+    The head is never quantized (pitfall 7): it is new, trained in full and saved with the
+    adapter. Raises PeftlabError where bitsandbytes cannot run (no CUDA, not installed).
+    """
+    if not torch.cuda.is_available():
+        raise PeftlabError(
+            f"{bits} quantization (qlora) needs a CUDA GPU (bitsandbytes kernels) and this machine has "
+            f"none: run it on a GPU machine, or use method=lora with model.quantization=none here"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise PeftlabError(f"{bits} quantization (qlora) needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if bits == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(HEAD_NAMES))
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=list(HEAD_NAMES))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device for `name` (auto: CUDA, then MPS, then CPU); PeftlabError if it is absent."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if not available[name]:
+        raise PeftlabError(f"device={name} was asked for but this machine has no {name} device: use device=auto")
+    return torch.device(name)
+
+
 def head_module_names(model) -> list[str]:
     """Names of the classification head's top-level modules (trained and saved with adapters)."""
     children = {name for name, _ in model.named_children()}
-    names = [n for n in ("pre_classifier", "classifier", "score") if n in children]
+    names = [n for n in HEAD_NAMES if n in children]
     if not names:
         raise PeftlabError(
             f"{type(model).__name__} has no recognised classification head (classifier/score): "

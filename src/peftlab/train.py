@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from peftlab.config import RunConfig
 from peftlab.data import LengthGroupedBatchSampler, PadCollator, TokenizedDataset
 from peftlab.errors import PeftlabError
+from peftlab.methods import prepare_step_hook
 
 log = logging.getLogger("peftlab")
 
@@ -69,17 +70,27 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return picked
 
 
-def _optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _optimizer(model, lr: float, weight_decay: float, lora_plus_ratio: float | None = None) -> torch.optim.Optimizer:
     # No weight decay on biases and norms: decaying them only hurts (standard BERT recipe).
-    decay, no_decay = [], []
+    decay, no_decay, lora_b = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+            # LoRA+: B matrices learn lora_plus_ratio times faster than A (and the rest).
+            if lora_plus_ratio and "lora_B" in name:
+                lora_b.append(p)
+            else:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if lora_b:
+        groups.append({"params": lora_b, "weight_decay": weight_decay, "lr": lr * lora_plus_ratio})
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=lr)
+
+
+def _lora_plus_ratio(cfg: RunConfig) -> float | None:
+    return cfg.method.lora_plus_ratio if cfg.method.name == "lora_plus" else None
 
 
 def _schedule(optimizer, warmup: int, total: int):
@@ -196,7 +207,7 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     # split_batches: the sampler yields global batches of `batch_size`, and each of N
     # processes gets 1/N of every batch, so the run sees the same batches on any N.
     accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
-                              cpu=default_device().type == "cpu",
+                              cpu=next(model.parameters()).device.type == "cpu",
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     world = accelerator.num_processes
     if tc.batch_size % world:
@@ -214,10 +225,11 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     if tc.max_steps:
         total = min(total, tc.max_steps)
     warmup = max(1, int(tc.warmup_ratio * total))
-    optimizer = _optimizer(model, cfg.lr, tc.weight_decay)
+    optimizer = _optimizer(model, cfg.lr, tc.weight_decay, _lora_plus_ratio(cfg))
     scheduler = _schedule(optimizer, warmup, total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     plain = accelerator.unwrap_model(model)
+    after_step = prepare_step_hook(plain, total)
     main = accelerator.is_main_process
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "tokens": 0, "elapsed": 0.0,
@@ -276,6 +288,8 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
                 accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            if after_step is not None:  # AdaLoRA: needs this step's gradients, so before zero_grad
+                after_step(state["step"] + 1)
             optimizer.zero_grad(set_to_none=True)
             # Reading the loss would sync host and device every step: keep a detached sum
             # and read it only when logging, checkpointing or validating.
@@ -415,13 +429,28 @@ def _trainer_args(cfg: RunConfig, precision: str, output_dir: Path, total_steps:
 
 def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, collator: PadCollator,
                   train_dataset=None):
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
 
+    class StepHook(TrainerCallback):
+        """Runs the method's per-step hook (AdaLoRA) after optimizer.step, before zero_grad."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.hook = prepare_step_hook(model, state.max_steps)
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if self.hook is not None:
+                self.hook(state.global_step + 1)
+
+    # LoRA+ needs its own parameter groups; otherwise the Trainer builds its default AdamW.
+    ratio = _lora_plus_ratio(cfg)
+    optimizer = _optimizer(model, cfg.lr, cfg.train.weight_decay, ratio) if ratio else None
     return Trainer(
         model=model,
         args=_trainer_args(cfg, precision, output_dir),
         train_dataset=_ListDataset(train_dataset) if train_dataset is not None else None,
         data_collator=collator,
+        callbacks=[StepHook()] if train_dataset is not None else None,
+        optimizers=(optimizer, None),
     )
 
 
