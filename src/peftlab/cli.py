@@ -136,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="Print one JSON object per text.")
     p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
     common(p)
+
+    p = sub.add_parser(
+        "compare", help="Leaderboard of finished runs, from their report.json files.",
+        description="Print a leaderboard of finished runs (sorted by macro-F1) and write it as "
+                    "Markdown and HTML.",
+        epilog="examples:\n  peftlab compare runs/*\n  peftlab compare runs/lora runs/full --output results/board",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run folders holding report.json.")
+    p.add_argument("--output", metavar="PREFIX", default="leaderboard",
+                   help="Write PREFIX.md and PREFIX.html (default: leaderboard.md/.html here).")
+    common(p)
     return parser
 
 
@@ -236,6 +247,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from peftlab.report import leaderboard_text, load_run_report, write_leaderboard
+
+    reports = [load_run_report(d) for d in args.run_dirs]
+    print(leaderboard_text(reports))
+    md, page = write_leaderboard(reports, args.output)
+    print(f"\nwrote {md} and {page}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -248,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, train_only=args.command == "train")
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_predict(args)
     except PeftlabError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from peftlab.errors import PeftlabError
+
 log = logging.getLogger("peftlab")
 
 
@@ -340,3 +342,114 @@ def write_html_report(report: dict, run_dir: Path, logits: dict[str, np.ndarray 
     path = run_dir / "report.html"
     write_text_atomic(path, html(report, extras, images))
     return path
+
+
+def load_run_report(run_dir: str | Path) -> dict:
+    """A finished run's report.json. Raises PeftlabError when the folder has none."""
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise PeftlabError(f"{run_dir} has no report.json: give finished run folders (e.g. runs/<name>)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise PeftlabError(f"{path} is not valid JSON: rerun that experiment") from None
+
+
+LEADERBOARD_HEADER = ["run", "accuracy", "macro-F1", "trainable params", "adapter MB", "train s", "samples/s"]
+
+
+def leaderboard_rows(reports: list[dict]) -> list[list[str]]:
+    """One row per run (LEADERBOARD_HEADER's columns), best macro-F1 first."""
+    rows = []
+    for r in sorted(reports, key=lambda r: -r["finetuned"]["macro_f1"]):
+        tuned, train = r["finetuned"], r["train"]
+        rows.append([r["name"], f"{tuned['accuracy']:.4f}", f"{tuned['macro_f1']:.4f}",
+                     f"{r['method']['trainable_params']:,}", f"{r['adapter']['size_bytes'] / 1e6:.2f}",
+                     f"{train['train_seconds']:.1f}", f"{train['train_samples_per_s']:.1f}"])
+    return rows
+
+
+def _settings_without_seed(report: dict) -> str:
+    """The run's config minus what does not change the experiment (seed, name, folders)."""
+    cfg = json.loads(json.dumps(report["config"]))
+    for key in ("name", "output_dir", "overwrite", "data_dir"):
+        cfg.pop(key, None)
+    cfg.get("train", {}).pop("seed", None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+SEED_HEADER = ["runs (seeds)", "n", "accuracy mean ± std", "macro-F1 mean ± std"]
+
+
+def seed_summary_rows(reports: list[dict]) -> list[list[str]]:
+    """Mean and spread (sample std) over seeds, for each group of runs whose settings are
+    otherwise equal and that has more than one run; best mean macro-F1 first."""
+    groups: dict[str, list[dict]] = {}
+    for r in reports:
+        groups.setdefault(_settings_without_seed(r), []).append(r)
+    rows = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        acc = np.array([m["finetuned"]["accuracy"] for m in members])
+        f1 = np.array([m["finetuned"]["macro_f1"] for m in members])
+        seeds = ",".join(str(m["config"]["train"]["seed"]) for m in members)
+        rows.append((f1.mean(), [f"{members[0]['name']} … (seeds {seeds})", str(len(members)),
+                                 f"{acc.mean():.4f} ± {acc.std(ddof=1):.4f}",
+                                 f"{f1.mean():.4f} ± {f1.std(ddof=1):.4f}"]))
+    return [row for _, row in sorted(rows, key=lambda x: -x[0])]
+
+
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    table = [header, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip()
+             for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def leaderboard_text(reports: list[dict]) -> str:
+    """The leaderboard for the console, with the over-seeds table when there is one."""
+    out = _text_table(LEADERBOARD_HEADER, leaderboard_rows(reports))
+    seeds = seed_summary_rows(reports)
+    if seeds:
+        out += "\n\nover seeds (otherwise equal settings):\n" + _text_table(SEED_HEADER, seeds)
+    return out
+
+
+def leaderboard_markdown(reports: list[dict]) -> str:
+    out = ["# peftlab leaderboard", "", "Sorted by macro-F1 on each run's test split.", "",
+           *_markdown_table(LEADERBOARD_HEADER, leaderboard_rows(reports))]
+    seeds = seed_summary_rows(reports)
+    if seeds:
+        out += ["", "## Over seeds (otherwise equal settings)", "", *_markdown_table(SEED_HEADER, seeds)]
+    return "\n".join(out) + "\n"
+
+
+def leaderboard_html(reports: list[dict]) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>peftlab leaderboard</title>',
+           f"<style>{_CSS}</style></head><body>", "<h1>peftlab leaderboard</h1>",
+           "<p>Sorted by macro-F1 on each run's test split.</p>",
+           _table(LEADERBOARD_HEADER, leaderboard_rows(reports)).replace("<table>", '<table id="leaderboard">', 1)]
+    seeds = seed_summary_rows(reports)
+    if seeds:
+        out += ["<h2>Over seeds (otherwise equal settings)</h2>", _table(SEED_HEADER, seeds)]
+    return "\n".join([*out, "</body></html>", ""])
+
+
+def write_leaderboard(reports: list[dict], prefix: str | Path) -> tuple[Path, Path]:
+    """Write PREFIX.md and PREFIX.html; returns their paths."""
+    from peftlab.artifacts import write_text_atomic
+
+    prefix = Path(prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    md, page = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".html")
+    write_text_atomic(md, leaderboard_markdown(reports))
+    write_text_atomic(page, leaderboard_html(reports))
+    return md, page
