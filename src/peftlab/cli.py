@@ -138,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
 
     p = sub.add_parser(
+        "sweep", help="Run a grid of experiments (the config's `sweep:` key) and print a leaderboard.",
+        description="Run one experiment per combination of the values under the config's `sweep:` "
+                    "key, named <sweep>/<key=value,...>; a restarted sweep skips finished runs.",
+        epilog="examples:\n  peftlab sweep --config configs/sweep.yaml\n"
+               "  peftlab sweep model=minilm sweep.method.name=[lora,head] sweep.lr=[1e-3,5e-3] name=methods\n\n"
+               "The sweep is named by name=..., else the config file's name; the leaderboard is written\n"
+               "to <output_dir>/<sweep>/leaderboard.md and .html.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config with a `sweep:` mapping of key -> values.")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="Overrides of the base config, and sweep.KEY=[v1,v2] to add a grid axis.")
+    common(p)
+
+    p = sub.add_parser(
         "compare", help="Leaderboard of finished runs, from their report.json files.",
         description="Print a leaderboard of finished runs (sorted by macro-F1) and write it as "
                     "Markdown and HTML.",
@@ -247,6 +261,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from peftlab.report import leaderboard_text, write_leaderboard
+    from peftlab.sweep import load_sweep, run_sweep
+
+    base, grid = load_sweep(args.config, args.overrides)
+    sweep_name = base.name or (Path(args.config).stem if args.config else "sweep")
+    reports = run_sweep(base, grid, sweep_name)
+    if _is_main():
+        print(leaderboard_text(reports))
+        md, page = write_leaderboard(reports, Path(base.output_dir) / sweep_name / "leaderboard")
+        print(f"\nwrote {md} and {page}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from peftlab.report import leaderboard_text, load_run_report, write_leaderboard
 
@@ -269,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args, train_only=args.command == "train")
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
         if args.command == "compare":
             return cmd_compare(args)
         return cmd_predict(args)
