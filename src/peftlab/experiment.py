@@ -149,6 +149,10 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
          resume: bool, main: bool) -> dict:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     wall_start = time.perf_counter()
+    if cfg.train.tensorboard or cfg.train.mlflow:
+        from peftlab.tracking import check_installed
+
+        check_installed(cfg)  # before training, not after it
     # 1-2. data, then model (seeded: the new head's initialisation depends on it)
     if bundle is None:
         bundle = load_data(cfg.data, cfg.data_dir)
@@ -273,6 +277,10 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         write_html_report(report, run_dir, {"baseline": base_logits, "fine-tuned": tuned_logits},
                           bundle.test_texts, bundle.test_labels)
         artifacts.write_json_atomic(run_dir / "report.json", report)  # last: it marks the run finished
+        if cfg.train.tensorboard or cfg.train.mlflow:
+            from peftlab.tracking import write_trackers
+
+            write_trackers(cfg, run_dir, report)
         # The adapter holds the result; checkpoints only served to resume this run.
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     state.wait_for_everyone()
