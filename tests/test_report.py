@@ -77,3 +77,30 @@ def test_html_without_matplotlib_has_tables_and_says_why(html_run, monkeypatch, 
     page = path.read_text()
     assert "matplotlib is not installed" in page and "data:image/png" not in page
     assert 'id="comparison"' in page and not (tmp_path / "plots").exists()
+
+
+def test_adapter_model_card_has_front_matter_and_loads_with_plain_peft(html_run):
+    import re
+    from pathlib import Path
+
+    import torch
+    import yaml
+
+    from peftlab.experiment import Predictor
+
+    report, cfg = html_run
+    adapter_dir = Path(report["adapter"]["dir"])
+    card = (adapter_dir / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "peft" and front["base_model"] == cfg.model.name
+    assert front["datasets"] == [cfg.data.dataset] and "lora" in front["tags"]
+    assert "## Metrics (test split)" in card and "from peftlab import Predictor" in card
+    # The card's plain-peft snippet, run as written, gives the same predictions as peftlab.
+    snippet = re.search(r"With plain transformers and peft:\n\n```python\n(.*?)```", card, re.S).group(1)
+    scope: dict = {}
+    exec(snippet.replace("path/to/adapter", str(adapter_dir)), scope)
+    text = "w1 good w2"
+    with torch.no_grad():
+        logits = scope["model"].eval()(**scope["tokenizer"](text, return_tensors="pt")).logits
+    expected = Predictor(adapter_dir)([text])[0]["probabilities"]
+    assert torch.allclose(logits.softmax(-1)[0], torch.tensor(list(expected.values()), dtype=torch.float32), atol=1e-5)

@@ -21,7 +21,7 @@ from peftlab.errors import PeftlabError
 from peftlab.evaluate import compute_metrics, evaluate, predict_logits, softmax
 from peftlab.methods import apply_method, count_parameters
 from peftlab.models import base_fingerprint, head_module_names, load_model, set_model_dropout
-from peftlab.report import markdown, write_html_report
+from peftlab.report import markdown, model_card, write_html_report
 from peftlab.train import (
     default_device,
     distributed_state,
@@ -273,6 +273,9 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "versions": artifacts.package_versions(),
     }
     if main:
+        # peft's save_pretrained leaves a placeholder README.md; replace it with a real card.
+        artifacts.write_text_atomic(adapter_dir / "README.md", model_card(report))
+        report["adapter"]["size_bytes"] = artifacts.dir_size(adapter_dir)
         artifacts.write_text_atomic(run_dir / "report.md", markdown(report))
         write_html_report(report, run_dir, {"baseline": base_logits, "fine-tuned": tuned_logits},
                           bundle.test_texts, bundle.test_labels)

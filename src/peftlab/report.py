@@ -453,3 +453,75 @@ def write_leaderboard(reports: list[dict], prefix: str | Path) -> tuple[Path, Pa
     write_text_atomic(md, leaderboard_markdown(reports))
     write_text_atomic(page, leaderboard_html(reports))
     return md, page
+
+
+def model_card(report: dict) -> str:
+    """README.md for the adapter folder, in the Hugging Face model-card convention: YAML front
+    matter (library_name, base_model, tags, datasets, metrics), then what was trained on
+    what, how well, and how to load it with peftlab and with plain transformers/peft."""
+    import yaml
+
+    cfg, data, tuned = report["config"], report["data"], report["finetuned"]
+    method, base, names = cfg["method"]["name"], cfg["model"]["name"], report["label_names"]
+    header = {
+        "library_name": "peft" if method == "lora" else "transformers",
+        "base_model": base,
+        "pipeline_tag": "text-classification",
+        "tags": ["peftlab", "text-classification", method],
+        "datasets": [str(data["dataset"])],
+        "metrics": ["accuracy", "f1"],
+        "model-index": [{"name": report["name"], "results": [{
+            "task": {"type": "text-classification"},
+            "dataset": {"name": str(data["dataset"]), "type": str(data["dataset"]), "split": "test"},
+            "metrics": [{"type": "accuracy", "value": round(tuned["accuracy"], 4)},
+                        {"type": "f1", "name": "macro-F1", "value": round(tuned["macro_f1"], 4)}]}]}],
+    }
+    if method == "lora":
+        plain = [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            f'base = AutoModelForSequenceClassification.from_pretrained("{base}", num_labels={len(names)})',
+            'model = PeftModel.from_pretrained(base, "path/to/adapter")  # this folder',
+            f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+        ]
+    elif method == "full":
+        plain = [
+            "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "",
+            'model = AutoModelForSequenceClassification.from_pretrained("path/to/adapter")  # this folder',
+            'tokenizer = AutoTokenizer.from_pretrained("path/to/adapter")',
+        ]
+    else:
+        plain = ["# A head-only adapter holds just the classification head (head.safetensors):",
+                 "# load it with peftlab, which puts it on a fresh copy of the base model."]
+    rows = [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in comparison_rows(report)
+            if a in ("loss", "accuracy", "macro-F1") or ": f1" in a]
+    out = [
+        "---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
+        f"# {report['name']}", "",
+        f"A **{method}** adapter for text classification into {len(names)} classes "
+        f"({', '.join(f'`{n}`' for n in names)}), trained with "
+        "peftlab on top of the base model below.", "",
+        "## Base model", "", f"`{base}` ({report['model']['class']}, {report['model']['total_params']:,} parameters; "
+        f"{report['method']['trainable_params']:,} trained).", "",
+        "## Data", "",
+        f"- dataset: `{data['dataset']}` from {data['source']}",
+        f"- split: {data['split']} ({data['train_size']:,} train / {data['test_size']:,} test)",
+        f"- train labels: {data['train_label_counts']}",
+        f"- max length: {data.get('max_length', cfg['data']['max_length'])} tokens",
+        f"- fingerprint: `{data['fingerprint']}`", "",
+        "## Method", "",
+        "```yaml", yaml.safe_dump({"method": cfg["method"], "train": cfg["train"]}, sort_keys=False).rstrip(), "```",
+        "",
+        "## Metrics (test split)", "",
+        "| measure | baseline | fine-tuned | change |", "|---|---:|---:|---:|", *rows, "",
+        "## How to use", "", "With peftlab:", "", "```python", "from peftlab import Predictor", "",
+        'predict = Predictor("path/to/adapter")  # this folder', 'predict(["some text"])', "```", "",
+        "```bash", "peftlab predict path/to/adapter \"some text\"", "```", "",
+        "With plain transformers" + (" and peft:" if method == "lora" else ":"), "",
+        "```python", *plain, "```", "",
+        f"Labels by class index: {dict(enumerate(names))}. Training details: `peftlab.json` in this folder.",
+        "",
+    ]
+    return "\n".join(out)
