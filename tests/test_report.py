@@ -1,6 +1,9 @@
 """report.html and its parts: curves computed with numpy, confident mistakes, a real tiny run."""
 
 import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -104,3 +107,43 @@ def test_adapter_model_card_has_front_matter_and_loads_with_plain_peft(html_run)
         logits = scope["model"].eval()(**scope["tokenizer"](text, return_tensors="pt")).logits
     expected = Predictor(adapter_dir)([text])[0]["probabilities"]
     assert torch.allclose(logits.softmax(-1)[0], torch.tensor(list(expected.values()), dtype=torch.float32), atol=1e-5)
+
+
+CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+class _Elements(HTMLParser):
+    """Collects <img> sources and table ids from the DOM Chromium dumps."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.tables = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        elif tag == "table":
+            self.tables.append(attrs.get("id"))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install chromium)")
+def test_report_html_renders_in_headless_chromium(html_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    report, _ = html_run
+    page = f"{report['run_dir']}/report.html"
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         # Every host unresolvable, so it renders as offline (test above: the page names no URL).
+         "--host-resolver-rules=MAP * ~NOTFOUND", "--enable-logging=stderr", "--v=0", "--dump-dom",
+         f"file://{page}"],
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    console = [line for line in out.stderr.splitlines()
+               if "CONSOLE" in line or "Uncaught" in line or "Failed to load resource" in line]
+    assert console == []
+    dom = _Elements()
+    dom.feed(out.stdout)
+    assert len(dom.images) == 4 and all(src.startswith("data:image/png;base64,") for src in dom.images)
+    assert "comparison" in dom.tables
