@@ -261,6 +261,10 @@ def cost_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name}: {n:,}" for name, n in counts.items())
+
+
 def html(report: dict, extras: dict, images: dict[str, bytes]) -> str:
     """report.html: one file with everything inline (plots as base64 PNG, CSS in <style>,
     no scripts), so it opens from disk with no network."""
@@ -313,7 +317,8 @@ def html(report: dict, extras: dict, images: dict[str, bytes]) -> str:
         out.append('<p class="note">None: every test example was classified correctly.</p>')
     out += ["<h2>Cost</h2>", _table(["", "value"], cost_rows(report))]
     data_rows = [["source", f"{data['source']} ({data['rows_read']:,} rows read)"], ["split", data["split"]],
-                 ["train labels", data["train_label_counts"]], ["test labels", data["test_label_counts"]]]
+                 ["train labels", _counts(data["train_label_counts"])],
+                 ["test labels", _counts(data["test_label_counts"])]]
     data_rows += [["quality", line.lstrip("- ").replace("**", "")] for line in _data_quality_lines(data)]
     data_rows.append(["fingerprint", data["fingerprint"]])
     out += ["<h2>Data</h2>", _table(["", "value"], data_rows, numeric_from=99)]
@@ -340,7 +345,9 @@ def write_html_report(report: dict, run_dir: Path, logits: dict[str, np.ndarray 
     else:
         log.warning("matplotlib is not installed: report.html has no plots (pip install \"peftlab[report]\")")
     path = run_dir / "report.html"
-    write_text_atomic(path, html(report, extras, images))
+    # Non-ASCII (e.g. in the mistakes' texts) as character references: the file is then
+    # correct whatever encoding the locale would write it in.
+    write_text_atomic(path, html(report, extras, images).encode("ascii", "xmlcharrefreplace").decode("ascii"))
     return path
 
 
