@@ -158,6 +158,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR if it exists.")
     p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
     common(p)
+
+    p = sub.add_parser(
+        "sweep", help="Run a grid of experiments (the config's `sweep:` key) and print a leaderboard.",
+        description="Run one experiment per combination of the values under the config's `sweep:` "
+                    "key, named <sweep>/<key=value,...>; a restarted sweep skips finished runs.",
+        epilog="examples:\n  peftlab sweep --config configs/sweep.yaml\n"
+               "  peftlab sweep model=minilm sweep.method.name=[lora,head] sweep.lr=[1e-3,5e-3] name=methods\n\n"
+               "The sweep is named by name=..., else the config file's name; the leaderboard is written\n"
+               "to <output_dir>/<sweep>/leaderboard.md and .html.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config with a `sweep:` mapping of key -> values.")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="Overrides of the base config, and sweep.KEY=[v1,v2] to add a grid axis.")
+    common(p)
+
+    p = sub.add_parser(
+        "compare", help="Leaderboard of finished runs, from their report.json files.",
+        description="Print a leaderboard of finished runs (sorted by macro-F1) and write it as "
+                    "Markdown and HTML.",
+        epilog="examples:\n  peftlab compare runs/*\n  peftlab compare runs/lora runs/full --output results/board",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run folders holding report.json.")
+    p.add_argument("--output", metavar="PREFIX", default="leaderboard",
+                   help="Write PREFIX.md and PREFIX.html (default: leaderboard.md/.html here).")
+    common(p)
     return parser
 
 
@@ -281,6 +306,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_merged(args.adapter, args.merge, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
     print(f"exported a standalone model to {out}: load it with "
           f"AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from peftlab.report import leaderboard_text, write_leaderboard
+    from peftlab.sweep import load_sweep, run_sweep
+
+    base, grid = load_sweep(args.config, args.overrides)
+    sweep_name = base.name or (Path(args.config).stem if args.config else "sweep")
+    reports = run_sweep(base, grid, sweep_name)
+    if _is_main():
+        print(leaderboard_text(reports))
+        md, page = write_leaderboard(reports, Path(base.output_dir) / sweep_name / "leaderboard")
+        print(f"\nwrote {md} and {page}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from peftlab.report import leaderboard_text, load_run_report, write_leaderboard
+
+    reports = [load_run_report(d) for d in args.run_dirs]
+    print(leaderboard_text(reports))
+    md, page = write_leaderboard(reports, args.output)
+    print(f"\nwrote {md} and {page}")
     return 0
 
 
@@ -300,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_methods(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
+        if args.command == "compare":
+            return cmd_compare(args)
         return cmd_predict(args)
     except PeftlabError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)

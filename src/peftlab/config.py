@@ -262,6 +262,12 @@ class TrainConfig:
     load_best: bool = _f(
         True, "With a validation split: end training with the best checkpoint's weights."
     )
+    tensorboard: bool = _f(
+        False, "Also write TensorBoard event files to <run dir>/tensorboard (needs peftlab[tracking])."
+    )
+    mlflow: bool = _f(
+        False, "Also record an MLflow run in the local SQLite store <run dir>/mlruns/mlflow.db (needs peftlab[tracking])."
+    )
 
     def problems(self) -> list[str]:
         out = []

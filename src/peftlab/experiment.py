@@ -21,7 +21,7 @@ from peftlab.errors import PeftlabError
 from peftlab.evaluate import compute_metrics, evaluate, predict_logits, softmax
 from peftlab.methods import apply_method, count_parameters
 from peftlab.models import base_fingerprint, head_module_names, load_model, resolve_device, set_model_dropout
-from peftlab.report import markdown
+from peftlab.report import markdown, model_card, write_html_report
 from peftlab.train import (
     distributed_state,
     predict_logits_trainer,
@@ -147,6 +147,11 @@ def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True
 def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None,
          resume: bool, main: bool) -> dict:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    wall_start = time.perf_counter()
+    if cfg.train.tensorboard or cfg.train.mlflow:
+        from peftlab.tracking import check_installed
+
+        check_installed(cfg)  # before training, not after it
     # 1-2. data, then model (seeded: the new head's initialisation depends on it)
     if bundle is None:
         bundle = load_data(cfg.data, cfg.data_dir)
@@ -176,12 +181,12 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     fingerprint = base_fingerprint(model)
 
     # 3. baseline: the pretrained model with its untrained head (kept on disk for --resume)
-    base_metrics = None
+    base_metrics, base_logits = None, None  # a resumed run's baseline has metrics only
     baseline_path = run_dir / "baseline.json"
     if baseline and resume and baseline_path.is_file():
         base_metrics = json.loads(baseline_path.read_text())
     elif baseline:
-        base_metrics, _ = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "baseline")
+        base_metrics, base_logits = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "baseline")
         _log_metrics("baseline", base_metrics)
         if main:
             artifacts.write_json_atomic(baseline_path, base_metrics)
@@ -269,16 +274,38 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "reload_check": reload_check,
         "train": train_summary,
         "adapter": {"dir": str(adapter_dir), "size_bytes": artifacts.dir_size(adapter_dir)},
+        "resources": _resources(time.perf_counter() - wall_start, device),
         "versions": artifacts.package_versions(),
     }
     if main:
+        # peft's save_pretrained leaves a placeholder README.md; replace it with a real card.
+        artifacts.write_text_atomic(adapter_dir / "README.md", model_card(report))
+        report["adapter"]["size_bytes"] = artifacts.dir_size(adapter_dir)
         artifacts.write_text_atomic(run_dir / "report.md", markdown(report))
+        write_html_report(report, run_dir, {"baseline": base_logits, "fine-tuned": tuned_logits},
+                          bundle.test_texts, bundle.test_labels)
         artifacts.write_json_atomic(run_dir / "report.json", report)  # last: it marks the run finished
+        if cfg.train.tensorboard or cfg.train.mlflow:
+            from peftlab.tracking import write_trackers
+
+            write_trackers(cfg, run_dir, report)
         # The adapter holds the result; checkpoints only served to resume this run.
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     state.wait_for_everyone()
     log.info("wrote %s", run_dir / "report.md")
     return report
+
+
+def _resources(wall_seconds: float, device: torch.device) -> dict:
+    """Wall time and peak memory of this process (ru_maxrss is in KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"wall_seconds": wall_seconds, "peak_rss_mb": rss / (1e6 if sys.platform == "darwin" else 1e3)}
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 1e6
+    return out
 
 
 def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir: str | None = None,

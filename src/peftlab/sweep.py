@@ -1,0 +1,115 @@
+"""Grid sweeps: one run per combination of the values under a config's `sweep:` key.
+
+    sweep:
+      method.name: [lora, head]
+      train.lr: [1e-3, 5e-3]
+      train.seed: [1, 2]
+
+Runs are named `<sweep name>/<key=value,...>` in the grid's order, so a restarted sweep
+finds the runs it already finished (their report.json) and skips them.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.config import RunConfig, apply_overrides, field_index, from_dict, set_value
+from peftlab.errors import PeftlabError
+
+log = logging.getLogger("peftlab")
+
+
+def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, dict[str, list]]:
+    """The base config and the grid (key -> values) from a YAML file's `sweep:` key and from
+    `sweep.KEY=[v1, v2]` overrides; other overrides apply to the base. Raises PeftlabError."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise PeftlabError(f"config file {p} does not exist: check the path given to --config")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError:
+            raise PeftlabError(f"config file {p} is not valid YAML: fix its syntax") from None
+        if not isinstance(data, dict):
+            raise PeftlabError(f"config file {p} must be a mapping of keys to values")
+    # The grid is not a RunConfig field: split it off before the config is validated.
+    grid = dict(data.pop("sweep", None) or {})
+    base = from_dict(data, source=str(path or "config"))
+    plain = []
+    for item in overrides or []:
+        key, _, raw = item.partition("=")
+        if key.startswith("sweep."):
+            grid[key.removeprefix("sweep.")] = yaml.safe_load(raw)
+        else:
+            plain.append(item)
+    apply_overrides(base, plain)
+    if not grid:
+        raise PeftlabError("nothing to sweep: add a `sweep:` mapping of key -> list of values to the config, "
+                           "or sweep.KEY=[v1,v2] overrides")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise PeftlabError(f"sweep.{key} must be a non-empty list of values, e.g. [1e-3, 5e-3]")
+    return base, grid
+
+
+def combinations(grid: dict[str, list]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, the last key varying fastest."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def run_name(sweep_name: str, combo: dict[str, Any]) -> str:
+    return f"{sweep_name}/" + ",".join(f"{key}={value}" for key, value in combo.items())
+
+
+def _get(cfg: RunConfig, key: str) -> Any:
+    target: Any = cfg
+    for part in field_index()[key].split("."):
+        target = getattr(target, part)
+    return target
+
+
+def plan(base: RunConfig, grid: dict[str, list], sweep_name: str) -> list[RunConfig]:
+    """One validated RunConfig per combination; every invalid one is reported at once."""
+    configs, problems = [], []
+    for combo in combinations(grid):
+        cfg = copy.deepcopy(base)
+        cfg.name = run_name(sweep_name, combo)
+        try:
+            for key, value in combo.items():
+                set_value(cfg, key, value)
+            # Name by the values as set (e.g. lr "1e-3" from the command line becomes 0.001),
+            # so the same grid gives the same names however it was written.
+            cfg.name = run_name(sweep_name, {key: _get(cfg, key) for key in combo})
+            configs.append(cfg.validate())
+        except PeftlabError as exc:
+            problems.append(f"{cfg.name}: {exc}")
+    if problems:
+        raise PeftlabError("invalid sweep: " + "; ".join(problems))
+    return configs
+
+
+def run_sweep(base: RunConfig, grid: dict[str, list], sweep_name: str) -> list[dict]:
+    """Run each combination not yet finished; returns every run's report (finished before or now)."""
+    from peftlab.experiment import run_experiment
+    from peftlab.report import load_run_report
+
+    configs = plan(base, grid, sweep_name)
+    reports = []
+    for n, cfg in enumerate(configs, 1):
+        run_dir = Path(cfg.output_dir) / cfg.name
+        if (run_dir / "report.json").is_file():
+            log.info("sweep %d/%d: %s already finished, skipped", n, len(configs), cfg.name)
+            reports.append(load_run_report(run_dir))
+            continue
+        log.info("sweep %d/%d: %s", n, len(configs), cfg.name)
+        # A folder without report.json is a run killed part-way: start it again from scratch.
+        cfg.overwrite = True
+        reports.append(run_experiment(cfg))
+    return reports
