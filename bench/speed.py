@@ -222,10 +222,10 @@ def main() -> None:
               f"{r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |")
     if "peftlab" in results:
         c = results["peftlab"]
-        for base in ("stock", "grouped"):
+        for base, letter in (("stock", "a"), ("grouped", "b")):
             if base in results:
                 b = results[base]
-                print(f"\nc/{base[0]}: train {c['train_sps'] / b['train_sps']:.2f}x, eval {c['eval_sps'] / b['eval_sps']:.2f}x, "
+                print(f"\nc/{letter}: train {c['train_sps'] / b['train_sps']:.2f}x, eval {c['eval_sps'] / b['eval_sps']:.2f}x, "
                       f"accuracy {100 * (c['accuracy'] - b['accuracy']):+.2f} points")
         flops = tokens * (4 * facts["linear_params"] + 2 * 4 * facts["layers"] * facts["mean_len"] * facts["hidden"])
         floor = flops / rates["fp32"]
