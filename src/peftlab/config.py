@@ -454,19 +454,26 @@ def from_dict(data: dict, source: str = "config") -> RunConfig:
     return config
 
 
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML config file's contents (a mapping). Raises PeftlabError naming the problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise PeftlabError(f"config file {p} does not exist: check the path given to --config")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise PeftlabError(f"config file {p} is not valid YAML{where}: fix its syntax") from None
+    if not isinstance(data, dict):
+        raise PeftlabError(f"config file {p} must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (optional), apply overrides, validate. Raises PeftlabError."""
     config = RunConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise PeftlabError(f"config file {p} does not exist: check the path given to --config")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            line = getattr(getattr(exc, "problem_mark", None), "line", None)
-            where = f" at line {line + 1}" if line is not None else ""
-            raise PeftlabError(f"config file {p} is not valid YAML{where}: fix its syntax") from None
-        config = from_dict(data, source=str(p))
+        config = from_dict(read_yaml(path), source=str(path))
     apply_overrides(config, overrides or [])
     return config.validate()

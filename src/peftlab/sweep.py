@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from peftlab.config import RunConfig, apply_overrides, field_index, from_dict, set_value
+from peftlab.config import RunConfig, apply_overrides, field_index, from_dict, read_yaml, set_value
 from peftlab.errors import PeftlabError
 
 log = logging.getLogger("peftlab")
@@ -28,17 +28,7 @@ log = logging.getLogger("peftlab")
 def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> tuple[RunConfig, dict[str, list]]:
     """The base config and the grid (key -> values) from a YAML file's `sweep:` key and from
     `sweep.KEY=[v1, v2]` overrides; other overrides apply to the base. Raises PeftlabError."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise PeftlabError(f"config file {p} does not exist: check the path given to --config")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError:
-            raise PeftlabError(f"config file {p} is not valid YAML: fix its syntax") from None
-        if not isinstance(data, dict):
-            raise PeftlabError(f"config file {p} must be a mapping of keys to values")
+    data = read_yaml(path) if path is not None else {}
     # The grid is not a RunConfig field: split it off before the config is validated.
     grid = dict(data.pop("sweep", None) or {})
     base = from_dict(data, source=str(path or "config"))
