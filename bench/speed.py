@@ -12,6 +12,7 @@ batch size, epochs, learning rate and seed:
   c  peftlab: peftlab's native loop (length-grouped batches, precision=auto)
   d  peftlab_nodrop: c with the base model's own dropout off (model_dropout=0; LoRA's
      dropout stays), a speed option, not the default
+  e  peftlab_compile: c with torch.compile (dynamic shapes; compile time included)
 It also measures this machine's fp32/bf16 matmul rate and prints peftlab's training time
 as a multiple of the arithmetic floor: FLOPs for the real (non-padding) tokens divided by
 the measured fp32 rate. FLOPs per token = 4 x (linear-layer weights) — a forward pass (2)
@@ -163,7 +164,8 @@ def model_facts(args) -> dict:
 def child(args) -> None:
     result = {"stock": lambda: run_stock(args, False), "grouped": lambda: run_stock(args, True),
               "peftlab": lambda: run_peftlab(args), "facts": lambda: model_facts(args),
-              "peftlab_nodrop": lambda: run_peftlab(args, ["model_dropout=0"])}[args.variant]()
+              "peftlab_nodrop": lambda: run_peftlab(args, ["model_dropout=0"]),
+              "peftlab_compile": lambda: run_peftlab(args, ["compile=true"])}[args.variant]()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -213,7 +215,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         label = {"stock": "a stock Trainer", "grouped": "b Trainer + group_by_length", "peftlab": "c peftlab",
-                 "peftlab_nodrop": "d peftlab, model_dropout=0"}[name]
+                 "peftlab_nodrop": "d peftlab, model_dropout=0",
+                 "peftlab_compile": "e peftlab, compile=true"}[name]
         if name.startswith("peftlab"):
             label += f" ({r['precision']})"
         r["train_sps"] = r["train_n"] * args.epochs / r["train_seconds"]

@@ -68,6 +68,54 @@ def build_tiny_model(path: Path, kind: str) -> Path:
     return path
 
 
+def pretrain_tiny_model(path: Path, kind: str) -> Path:
+    """A tiny model with useful features, as a pretrained base has: fully fine-tuned on the
+    sentiment task (its own 512 texts), then given a fresh classification head.
+
+    On a random tiny base the frozen features carry almost no signal, so no adapter can
+    learn in an epoch and "the method learns" could not be tested; on this base every
+    method has to train its head (and adapter) from scratch to get above chance.
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    build_tiny_model(path, kind)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+        model.config.pad_token_id = tok.pad_token_id
+    texts, labels = make_texts(512, seed=7)
+    y = torch.tensor([label == "pos" for label in labels]).long()
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(3):
+        for idx in torch.randperm(len(texts)).split(32):
+            batch = tok([texts[i] for i in idx], padding=True, return_tensors="pt")
+            model(**batch, labels=y[idx]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    head = model.classifier if kind == "encoder" else model.score
+    with torch.no_grad():  # a fresh head, initialised as transformers does
+        head.weight.normal_(0.0, 0.02)
+        if head.bias is not None:
+            head.bias.zero_()
+    model.config.pad_token_id = None if kind == "decoder" else model.config.pad_token_id
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pretrained_encoder(tmp_path_factory) -> str:
+    return str(pretrain_tiny_model(tmp_path_factory.mktemp("pretrained-bert"), "encoder"))
+
+
+@pytest.fixture(scope="session")
+def pretrained_decoder(tmp_path_factory) -> str:
+    return str(pretrain_tiny_model(tmp_path_factory.mktemp("pretrained-llama"), "decoder"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def token_cache_dir(tmp_path_factory):
     """Every test (and CLI subprocess) caches tokens in a temporary folder, not ~/.cache."""

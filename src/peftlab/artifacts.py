@@ -205,8 +205,10 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
         if method in PEFT_METHODS:
             from peft import PeftModel
 
-            from peftlab.methods import fix_prompt_pooling
+            from peftlab.methods import accept_past_key_values, fix_prompt_pooling
 
+            if method == "prefix_tuning":
+                accept_past_key_values(model)
             try:
                 model = PeftModel.from_pretrained(model, str(adapter_dir))
             except (RuntimeError, ValueError, KeyError) as exc:

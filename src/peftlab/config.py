@@ -199,7 +199,12 @@ class MethodConfig:
     num_virtual_tokens: int = _f(
         20, "prompt_tuning, prefix_tuning, p_tuning: number of learned virtual tokens."
     )
-    encoder_hidden_size: int = _f(128, "p_tuning: hidden size of the prompt encoder (an MLP).")
+    encoder_hidden_size: int = _f(128, "p_tuning: hidden size of the prompt encoder.")
+    prompt_encoder: str = _f(
+        "lstm",
+        "p_tuning: the network producing the virtual tokens: lstm (the P-tuning paper's) or mlp. "
+        "The MLP can collapse after its first steps (the text then stops mattering).",
+    )
 
     def problems(self) -> list[str]:
         out = []
@@ -210,6 +215,8 @@ class MethodConfig:
         for name in ("r", "adalora_init_r", "vera_r", "num_virtual_tokens", "encoder_hidden_size"):
             if getattr(self, name) < 1:
                 out.append(f"method.{name}={getattr(self, name)} must be a positive integer")
+        if self.prompt_encoder not in ("lstm", "mlp"):
+            out.append(f"method.prompt_encoder={self.prompt_encoder!r} must be lstm or mlp")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"method.dropout={self.dropout} must be in [0, 1)")
         if self.lora_plus_ratio < 1:
@@ -233,8 +240,15 @@ class TrainConfig:
     eval_batch_size: int = _f(64, "Evaluation batch size.")
     lr: float | None = _f(
         None,
-        "Peak learning rate; default per method (config.DEFAULT_LR): 1e-3 for the lora family, "
-        "1e-2 for ia3/vera/prompt methods, 5e-5 for full, 5e-3 for head/bitfit.",
+        "Peak learning rate; default per method (config.DEFAULT_LR): 1e-3 for most of the lora "
+        "family and bitfit, 5e-3 to 3e-2 for adalora/loha/lokr/vera/ia3/prompt methods, 5e-5 "
+        "for full, 1e-1 for head.",
+    )
+    head_lr: float | None = _f(
+        None,
+        "Learning rate of the classification head, which starts from random weights; default: "
+        "lr, except 1e-1 for bitfit, prompt_tuning and p_tuning (config.DEFAULT_HEAD_LR), which "
+        "change the features too little for a head trained at their own rate.",
     )
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     warmup_ratio: float = _f(0.06, "Fraction of steps spent warming the learning rate up.")
@@ -244,6 +258,11 @@ class TrainConfig:
         "auto",
         "Compute precision: auto (bf16 where the hardware supports it, else fp32), "
         "fp32, bf16 or fp16.",
+    )
+    compile: bool = _f(
+        False,
+        "torch.compile the model for training (dynamic shapes; the compile time counts as "
+        "training time). Off by default: see bench/README.md for what it bought here.",
     )
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (for smoke tests).")
     log_every: int = _f(50, "Log training loss every this many steps.")
@@ -294,14 +313,25 @@ class TrainConfig:
 
 # Peak learning rates that work for each method (methods with fewer, scaling-style
 # parameters need larger steps); benchmarked in bench/methods.py.
+# Chosen on MiniLM + sms_spam (1,500 training messages, one epoch; bench/README.md): the
+# rate at which each method got off the all-ham plateau and trained to its best accuracy.
 DEFAULT_LR = {
-    **dict.fromkeys(LORA_METHODS + ("adalora", "loha", "lokr", "boft", "oft"), 1e-3),
+    **dict.fromkeys(LORA_METHODS + ("boft", "oft"), 1e-3),
     "lora_plus": 5e-4,  # the LoRA+ paper halves the LoRA rate: B trains at 16x this
-    "adalora": 2e-3,
-    **dict.fromkeys(("ia3", "vera") + PROMPT_METHODS, 1e-2),
+    "adalora": 2e-2,
+    "loha": 5e-3,
+    "lokr": 1e-2,
+    "vera": 3e-2,
+    "ia3": 1e-2,
+    **dict.fromkeys(PROMPT_METHODS, 3e-2),
     "full": 5e-5,
-    **dict.fromkeys(("head", "bitfit"), 5e-3),
+    "bitfit": 1e-3,
+    "head": 1e-1,  # a linear probe: only 770 weights, all starting from random
 }
+# The head's own rate where it must differ from the method's (TrainConfig.head_lr): methods
+# that change the features only a little rely on the head, which starts from random weights.
+# On the subset above these stayed at all-ham with the head at the method's rate.
+DEFAULT_HEAD_LR = {"bitfit": 1e-1, "prompt_tuning": 1e-1, "p_tuning": 1e-1}
 
 
 @dataclass
@@ -339,6 +369,12 @@ class RunConfig:
     @property
     def lr(self) -> float:
         return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.method.name]
+
+    @property
+    def head_lr(self) -> float:
+        if self.train.head_lr is not None:
+            return self.train.head_lr
+        return DEFAULT_HEAD_LR.get(self.method.name, self.lr)
 
     @property
     def data_dir(self) -> str | None:

@@ -167,17 +167,42 @@ def peft_config(model, cfg: MethodConfig, heads: list[str]):
     if name == "prompt_tuning":
         return peft.PromptTuningConfig(**prompt)
     if name == "prefix_tuning":
-        import inspect
-
-        if "past_key_values" not in inspect.signature(model.forward).parameters:
-            # peft passes the prefixes as `past_key_values`; transformers 5 decoders renamed it.
-            raise PeftlabError(f"prefix_tuning feeds learned keys/values through past_key_values, which "
-                               f"{type(model).__name__} (transformers {_transformers_version()}) does not "
-                               f"accept: use prompt_tuning or p_tuning")
+        accept_past_key_values(model)
         return peft.PrefixTuningConfig(**prompt)
     if name == "p_tuning":
-        return peft.PromptEncoderConfig(encoder_hidden_size=cfg.encoder_hidden_size, **prompt)
+        # LSTM by default: on the tests' task the MLP encoder collapsed for some seeds (after
+        # its first Adam steps the virtual tokens swamped attention and [CLS] stopped
+        # depending on the text); the LSTM did not.
+        return peft.PromptEncoderConfig(encoder_hidden_size=cfg.encoder_hidden_size,
+                                        encoder_reparameterization_type=cfg.prompt_encoder.upper(), **prompt)
     raise PeftlabError(f"{name!r} is not a peft method: choose one of {', '.join(PEFT_METHODS)}")
+
+
+def accept_past_key_values(model) -> None:
+    """Let peft's prefix tuning hand its key/value prefixes to a transformers 5 model.
+
+    peft passes the prefixes as `past_key_values` and only does so when the model's forward
+    names that argument; transformers 5 renamed it `cache` (and sequence-classification
+    heads take it through **kwargs). This gives `model` an instance-level forward that
+    takes `past_key_values` and passes it on as `cache`. A bound method (not a closure), so
+    deepcopy rebinds it to the copy. Call it on the base model before get_peft_model and
+    before PeftModel.from_pretrained.
+    """
+    import inspect
+    import types
+
+    if "past_key_values" in inspect.signature(model.forward).parameters:
+        return  # transformers 4.x: peft's own path works
+    backbone = getattr(model, "base_model", model)
+    if "cache" not in inspect.signature(backbone.forward).parameters:
+        raise PeftlabError(f"prefix_tuning feeds learned keys/values through the attention cache, which "
+                           f"{type(model).__name__} (transformers {_transformers_version()}) does not "
+                           f"accept: use prompt_tuning or p_tuning")
+    model.forward = types.MethodType(_forward_with_prefix, model)
+
+
+def _forward_with_prefix(self, *args, past_key_values=None, **kwargs):
+    return type(self).forward(self, *args, cache=past_key_values, **kwargs)
 
 
 def _transformers_version() -> str:
@@ -234,14 +259,20 @@ def fix_prompt_pooling(model) -> None:
     find the last non-padding token from `input_ids`; given embeddings they take the last
     position, which under right padding is a pad. This hook remembers the (extended)
     attention mask and copies each row's last-real-token logits into the last position, so
-    a text scores the same alone and inside a padded batch. Encoders pool the first token
-    and need nothing. Call it again after loading such an adapter.
+    a text scores the same alone and inside a padded batch.
+
+    Encoders pool the first position, which is now the first virtual token, not [CLS]: the
+    pretrained pooler and head would read a token they never saw. A hook on the encoder
+    stack drops the virtual positions from its output, so pooling reads [CLS] again (the
+    virtual tokens still act through attention in every layer). Call this again after
+    loading such an adapter.
     """
     config = getattr(model, "peft_config", {}).get("default")
     if config is None or not config.is_prompt_learning or config.peft_type.value == "PREFIX_TUNING":
         return  # prefix tuning passes input_ids through, so pooling already sees the padding
     base = model.base_model
     if "score" not in dict(base.named_children()):
+        _pool_cls_after_prompt(base, config.num_virtual_tokens)
         return
     masks = {}
 
@@ -260,6 +291,24 @@ def fix_prompt_pooling(model) -> None:
 
     base.register_forward_pre_hook(remember_mask, with_kwargs=True)
     base.score.register_forward_hook(pool_last_real_token)
+
+
+def _pool_cls_after_prompt(model, num_virtual: int) -> None:
+    """Encoders: drop the `num_virtual` leading positions from the encoder stack's output."""
+    backbone = model.base_model  # transformers' backbone property (e.g. .bert, .distilbert)
+    stack = getattr(backbone, "encoder", None) or getattr(backbone, "transformer", None)
+    if stack is None or backbone is model:
+        log.warning("%s: cannot find the encoder stack, so pooling reads the first virtual token "
+                    "instead of [CLS]", type(model).__name__)
+        return
+
+    def drop_virtual_positions(module, args, output):
+        if isinstance(output, tuple) and not hasattr(output, "last_hidden_state"):
+            return (output[0][:, num_virtual:], *output[1:])
+        output.last_hidden_state = output.last_hidden_state[:, num_virtual:]
+        return output
+
+    stack.register_forward_hook(drop_virtual_positions)
 
 
 def prepare_step_hook(model, total_steps: int):

@@ -70,19 +70,24 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return picked
 
 
-def _optimizer(model, lr: float, weight_decay: float, lora_plus_ratio: float | None = None) -> torch.optim.Optimizer:
+def _optimizer(model, lr: float, weight_decay: float, lora_plus_ratio: float | None = None,
+               head_lr: float | None = None) -> torch.optim.Optimizer:
+    from peftlab.models import HEAD_NAMES
+
     # No weight decay on biases and norms: decaying them only hurts (standard BERT recipe).
-    decay, no_decay, lora_b = [], [], []
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            # LoRA+: B matrices learn lora_plus_ratio times faster than A (and the rest).
-            if lora_plus_ratio and "lora_B" in name:
-                lora_b.append(p)
-            else:
-                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if lora_b:
-        groups.append({"params": lora_b, "weight_decay": weight_decay, "lr": lr * lora_plus_ratio})
+        if not p.requires_grad:
+            continue
+        rate = lr
+        if lora_plus_ratio and "lora_B" in name:
+            rate = lr * lora_plus_ratio  # LoRA+: B matrices learn faster than A (and the rest)
+        elif head_lr is not None and any(part in HEAD_NAMES for part in name.split(".")):
+            rate = head_lr  # the freshly initialised head (bitfit: far above the biases' rate)
+        decay = p.ndim >= 2 and "norm" not in name.lower()
+        groups.setdefault((rate, decay), []).append(p)
+    groups = [{"params": params, "lr": rate, "weight_decay": weight_decay if decay else 0.0}
+              for (rate, decay), params in groups.items()]
     try:
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):
@@ -225,10 +230,14 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     if tc.max_steps:
         total = min(total, tc.max_steps)
     warmup = max(1, int(tc.warmup_ratio * total))
-    optimizer = _optimizer(model, cfg.lr, tc.weight_decay, _lora_plus_ratio(cfg))
+    optimizer = _optimizer(model, cfg.lr, tc.weight_decay, _lora_plus_ratio(cfg), cfg.head_lr)
     scheduler = _schedule(optimizer, warmup, total)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     plain = accelerator.unwrap_model(model)
+    if tc.compile:
+        # Only the training forward/backward is compiled; checkpoints and evaluation use `plain`.
+        # dynamic=True: batch lengths vary, and one graph per length would recompile each time.
+        model = torch.compile(model, dynamic=True)
     after_step = prepare_step_hook(plain, total)
     main = accelerator.is_main_process
 
@@ -244,8 +253,9 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
             kept = [line for line in metrics_path.read_text().splitlines()
                     if json.loads(line).get("step", 0) <= state["step"]]
             metrics_path.write_text("".join(line + "\n" for line in kept))
-    log.info("training: %d steps (%d per epoch, batch %d, lr %.2g, warmup %d), precision %s, %s",
-             total, steps_per_epoch, tc.batch_size, cfg.lr, warmup, precision, accelerator.device)
+    log.info("training: %d steps (%d per epoch, batch %d, lr %.2g%s, warmup %d), precision %s, %s",
+             total, steps_per_epoch, tc.batch_size, cfg.lr,
+             f", head lr {cfg.head_lr:.2g}" if cfg.head_lr != cfg.lr else "", warmup, precision, accelerator.device)
 
     running, unread_tokens, running_n = None, None, 0
 
@@ -441,9 +451,11 @@ def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, colla
             if self.hook is not None:
                 self.hook(state.global_step + 1)
 
-    # LoRA+ needs its own parameter groups; otherwise the Trainer builds its default AdamW.
+    # LoRA+ and a separate head rate need their own parameter groups; otherwise the
+    # Trainer builds its default AdamW.
     ratio = _lora_plus_ratio(cfg)
-    optimizer = _optimizer(model, cfg.lr, cfg.train.weight_decay, ratio) if ratio else None
+    custom = ratio or cfg.head_lr != cfg.lr
+    optimizer = _optimizer(model, cfg.lr, cfg.train.weight_decay, ratio, cfg.head_lr) if custom else None
     return Trainer(
         model=model,
         args=_trainer_args(cfg, precision, output_dir),
