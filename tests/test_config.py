@@ -41,6 +41,14 @@ def test_validation_collects_every_problem():
     assert "did you mean 'lora'" in msg and "test_size=1.5" in msg and "engine='keras'" in msg
 
 
+def test_rates_must_be_positive_and_flags_boolean():
+    with pytest.raises(PeftlabError) as err:
+        load_config(None, ["lr=0", "head_lr=-1"])
+    assert "train.lr=0" in str(err.value) and "train.head_lr=-1" in str(err.value)
+    with pytest.raises(PeftlabError, match=r"compile='maybe'"):
+        apply_overrides(RunConfig(), ["compile=maybe"])
+
+
 def test_yaml_round_trip(tmp_path):
     cfg = load_config(None, ["epochs=2", "lr=3e-4", "max_train_samples=100", "target_modules=[query]"])
     path = tmp_path / "config.yaml"

@@ -298,6 +298,8 @@ class TrainConfig:
             out.append("train.batch_size and train.eval_batch_size must be at least 1")
         if self.lr is not None and self.lr <= 0:
             out.append(f"train.lr={self.lr} must be positive")
+        if self.head_lr is not None and self.head_lr <= 0:
+            out.append(f"train.head_lr={self.head_lr} must be positive (or unset: the method's default)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             out.append(f"train.precision={self.precision!r} is not one of auto, fp32, bf16, fp16")
         if self.metric_for_best not in ("macro_f1", "accuracy", "loss"):
