@@ -83,6 +83,8 @@ def run_stock(args, grouped: bool) -> dict:
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(source.path, num_labels=len(bundle.label_names), **kw)
     model.config.pad_token_id = tok.pad_token_id
+    if getattr(model, "hf_quantizer", None) is not None:  # GGUF: de-quantized on load, but Trainer
+        model.hf_quantizer.remove_quantization_config(model)  # refuses a model still marked quantized
     targets = ["query", "value"] if model.config.model_type == "bert" else ["q_proj", "v_proj"]
     model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
                                              target_modules=targets))

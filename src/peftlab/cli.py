@@ -127,13 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Classify texts with a trained adapter: texts from arguments, --file (one "
                     "per line) or standard input; prints label and probabilities.",
         epilog="examples:\n  peftlab predict runs/minilm-sms_spam-lora \"WIN a FREE prize now\"\n"
-               "  cat messages.txt | peftlab predict runs/minilm-sms_spam-lora --json",
+               "  cat messages.txt | peftlab predict runs/minilm-sms_spam-lora --json\n"
+               "  printf 'A man sleeps.\\tA person rests.\\n' | peftlab predict runs/my-nli-run --pairs",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="Adapter folder or run folder.")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--file", help="File with one text per line.")
     p.add_argument("--model", help="Base model (default: the one recorded with the adapter).")
     p.add_argument("--json", action="store_true", help="Print one JSON object per text.")
+    p.add_argument("--pairs", action="store_true",
+                   help="Sentence pairs, for an adapter trained with text_pair_column: each text is "
+                        "'first<TAB>second'.")
     p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
     common(p)
 
@@ -272,8 +276,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise PeftlabError("no texts to classify: the input was empty")
     from peftlab.experiment import Predictor
 
+    pairs = None
+    if args.pairs:
+        split = [t.split("\t", 1) for t in texts]
+        bad = [i for i, parts in enumerate(split) if len(parts) != 2]
+        if bad:
+            raise PeftlabError(f"text #{bad[0] + 1} has no TAB: with --pairs each text is 'first<TAB>second'")
+        texts, pairs = [a for a, _ in split], [b for _, b in split]
     predictor = Predictor(args.adapter, args.model, allow_pickle=args.allow_pickle)
-    for result in predictor(texts):
+    for result in predictor(texts, pairs=pairs):
         if args.json:
             print(json.dumps(result, ensure_ascii=False))
         else:
@@ -336,7 +347,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes `predict` texts only before the first option; texts after an option
+    # (`predict RUN --json "text"`) come back here and are texts too.
+    if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
+        args.texts += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

@@ -615,19 +615,26 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
 
 class TokenizedDataset(torch.utils.data.Dataset):
     """Token ids (unpadded) and labels, tokenized once up front; `truncated` counts the
-    texts that were cut to fit max_length."""
+    texts that were cut to fit max_length. `second_starts` (sentence pairs, for models
+    with segment embeddings) is where each example's second segment begins: its
+    token_type_ids are 0 before and 1 from there on."""
 
-    def __init__(self, input_ids: list[list[int]], labels: list[int] | None, truncated: int = 0):
+    def __init__(self, input_ids: list[list[int]], labels: list[int] | None, truncated: int = 0,
+                 second_starts: list[int] | None = None):
         self.input_ids = input_ids
         self.labels = labels
         self.lengths = [len(ids) for ids in input_ids]
         self.truncated = truncated
+        self.second_starts = second_starts
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     def __getitem__(self, i: int) -> dict:
         item = {"input_ids": self.input_ids[i]}
+        if self.second_starts is not None:
+            start = self.second_starts[i]
+            item["token_type_ids"] = [0] * start + [1] * (self.lengths[i] - start)
         if self.labels is not None:
             item["labels"] = self.labels[i]
         return item
@@ -659,6 +666,12 @@ def _special_tokens(tokenizer, pair: bool) -> tuple[list[int], list[int], list[i
     return before, between, after
 
 
+def _marks_segments(tokenizer) -> bool:
+    """Whether the tokenizer gives the second text of a pair its own token_type_ids (BERT
+    does: its model has segment embeddings). Without them a BERT sees both texts as one."""
+    return 1 in tokenizer("a", "a").get("token_type_ids", ())
+
+
 def _pair_lengths(n_first: int, n_second: int, budget: int) -> tuple[int, int]:
     """How many tokens each text of a too-long pair keeps. This is the `longest_first` rule
     of the Rust tokenizers (the shorter text keeps what it can and the longer gets the rest;
@@ -680,8 +693,9 @@ def _cut(ids: list[int], keep: int, truncation: str) -> list[int]:
 
 
 def _encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
-            truncation: str) -> tuple[list[list[int]], int]:
-    """Token ids of each text (pair) cut to max_length with special tokens; number cut."""
+            truncation: str) -> tuple[list[list[int]], int, list[int] | None]:
+    """Token ids of each text (pair) cut to max_length with special tokens; number cut;
+    for pairs, where each second segment (second text + closing specials) begins."""
     before, between, after = _special_tokens(tokenizer, pairs is not None)
     budget = max_length - len(before) - len(between) - len(after)
     if budget < 1:
@@ -691,7 +705,7 @@ def _encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: in
     firsts = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     seconds = (tokenizer(list(pairs), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
                if pairs is not None else itertools.repeat([]))
-    input_ids, truncated = [], 0
+    input_ids, truncated, starts = [], 0, []
     for first, second in zip(firsts, seconds):
         if len(first) + len(second) > budget:
             truncated += 1
@@ -699,7 +713,8 @@ def _encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: in
                                        else (budget, 0))
             first, second = _cut(first, keep_first, truncation), _cut(second, keep_second, truncation)
         input_ids.append(before + first + between + second + after)
-    return input_ids, truncated
+        starts.append(len(before) + len(first) + len(between))
+    return input_ids, truncated, starts if pairs is not None else None
 
 
 def cache_dir() -> Path | None:
@@ -737,10 +752,13 @@ def _cache_path(root: Path, tokenizer, texts: list[str], pairs: list[str] | None
     return root / f"{h.hexdigest()[:32]}.npz"
 
 
-def _read_cache(path: Path, n: int) -> tuple[list[list[int]], int] | None:
+def _read_cache(path: Path, n: int, pairs: bool) -> tuple[list[list[int]], int, list[int] | None] | None:
     try:
         with np.load(path, allow_pickle=False) as saved:
             flat, offsets, truncated = saved["ids"], saved["offsets"], int(saved["truncated"])
+            # Pair caches written before segment ids existed lack "segments": tokenize again.
+            stale = pairs and "segments" not in saved.files
+            starts = saved["starts"].tolist() if pairs and not stale and bool(saved["segments"]) else None
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
@@ -749,10 +767,13 @@ def _read_cache(path: Path, n: int) -> tuple[list[list[int]], int] | None:
     if len(offsets) != n + 1:
         log.warning("ignoring token cache %s: it holds %d texts, not %d", path, len(offsets) - 1, n)
         return None
-    return [ids.tolist() for ids in np.split(flat, offsets[1:-1])], truncated
+    if stale:
+        return None
+    return [ids.tolist() for ids in np.split(flat, offsets[1:-1])], truncated, starts
 
 
-def _write_cache(path: Path, input_ids: list[list[int]], truncated: int, about: dict) -> None:
+def _write_cache(path: Path, input_ids: list[list[int]], truncated: int, starts: list[int] | None,
+                 about: dict) -> None:
     """Write flat int32 ids + offsets atomically (tmp file, then rename), beside a JSON
     description of what produced them; a failure only costs the cache."""
     offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
@@ -762,7 +783,11 @@ def _write_cache(path: Path, input_ids: list[list[int]], truncated: int, about: 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
-            np.savez(fh, ids=flat, offsets=offsets, truncated=np.int64(truncated), about=np.array(json.dumps(about)))
+            extra = {} if not about.get("pairs") else {"segments": np.bool_(starts is not None)}
+            if starts is not None:
+                extra["starts"] = np.asarray(starts, dtype=np.int32)
+            np.savez(fh, ids=flat, offsets=offsets, truncated=np.int64(truncated), about=np.array(json.dumps(about)),
+                     **extra)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -774,7 +799,9 @@ def tokenize(tokenizer, texts: list[str], labels: list[int] | None, max_length: 
              pairs: list[str] | None = None, truncation: str = "head", cache: bool = True) -> TokenizedDataset:
     """Token ids without padding (batches are padded to their own longest text).
 
-    `pairs` holds the second text of each example for sentence-pair tasks. A text (pair)
+    `pairs` holds the second text of each example for sentence-pair tasks; for tokenizers
+    whose models take token_type_ids (BERT-family), examples then carry them (0 for the
+    first segment, 1 for the second, as `tokenizer(first, second)` gives). A text (pair)
     longer than `max_length` tokens, special tokens included, keeps its `truncation` part:
     head, tail or head+tail (see HEAD_SHARE); special tokens stay in place. With `cache`,
     ids come from (or go to) the token cache (see `cache_dir`). Raises PeftlabError when
@@ -783,22 +810,24 @@ def tokenize(tokenizer, texts: list[str], labels: list[int] | None, max_length: 
     started = time.perf_counter()
     root = cache_dir() if cache else None
     path = _cache_path(root, tokenizer, texts, pairs, max_length, truncation) if root else None
-    cached = _read_cache(path, len(texts)) if path else None
+    cached = _read_cache(path, len(texts), pairs is not None) if path else None
     if cached is not None:
-        input_ids, truncated = cached
+        input_ids, truncated, starts = cached
         log.info("tokens of %d texts read from the cache %s in %.1fs", len(texts), path,
                  time.perf_counter() - started)
     else:
-        input_ids, truncated = _encode(tokenizer, texts, pairs, max_length, truncation)
+        input_ids, truncated, starts = _encode(tokenizer, texts, pairs, max_length, truncation)
+        if starts is not None and not _marks_segments(tokenizer):
+            starts = None  # RoBERTa, decoders: their tokenizers give no segment ids
         if path:
-            _write_cache(path, input_ids, truncated, {
+            _write_cache(path, input_ids, truncated, starts, {
                 "tokenizer": tokenizer.name_or_path, "texts": len(texts), "pairs": pairs is not None,
                 "max_length": max_length, "truncation": truncation, "truncated": truncated,
             })
     if truncated:
         log.info("%d of %d texts were longer than %d tokens: kept their %s", truncated, len(texts),
                  max_length, truncation)
-    return TokenizedDataset(input_ids, labels, truncated)
+    return TokenizedDataset(input_ids, labels, truncated, starts)
 
 
 class PadCollator:
@@ -816,14 +845,18 @@ class PadCollator:
     def __call__(self, examples: list[dict]) -> dict:
         longest = max(len(e["input_ids"]) for e in examples)
         width = -(-longest // self.multiple) * self.multiple
-        ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, e in enumerate(examples):
-            n = len(e["input_ids"])
-            span = slice(0, n) if self.padding_side == "right" else slice(width - n, width)
-            ids[row, span] = torch.as_tensor(e["input_ids"], dtype=torch.long)
-            mask[row, span] = 1
-        batch = {"input_ids": ids, "attention_mask": mask}
+
+        def pad(rows: list[list[int]], fill: int) -> torch.Tensor:
+            out = torch.full((len(rows), width), fill, dtype=torch.long)
+            for i, row in enumerate(rows):
+                span = slice(0, len(row)) if self.padding_side == "right" else slice(width - len(row), width)
+                out[i, span] = torch.as_tensor(row, dtype=torch.long)
+            return out
+
+        batch = {"input_ids": pad([e["input_ids"] for e in examples], self.pad_token_id),
+                 "attention_mask": pad([[1] * len(e["input_ids"]) for e in examples], 0)}
+        if "token_type_ids" in examples[0]:  # sentence pairs; padding is segment 0, as in transformers
+            batch["token_type_ids"] = pad([e["token_type_ids"] for e in examples], 0)
         if "labels" in examples[0]:
             batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
         return batch

@@ -365,12 +365,26 @@ class Predictor:
             raise PeftlabError(f"text #{empty[0] + 1} is empty: give non-empty texts to classify")
         if pairs is not None and len(pairs) != len(texts):
             raise PeftlabError(f"{len(texts)} texts but {len(pairs)} second texts: give one pair per text")
+        # A pair model shown single texts (or the reverse) answers confidently and wrongly.
+        pair_column = self.meta.get("data", {}).get("text_pair_column")
+        if pair_column and pairs is None:
+            raise PeftlabError(f"this adapter was trained on sentence pairs (second text {pair_column!r}): "
+                               f"give a second text for each text (CLI: --pairs, 'first<TAB>second' lines)")
+        if pairs is not None and not pair_column:
+            raise PeftlabError("this adapter was trained on single texts: give no second texts")
+        if pairs is not None:
+            empty = [i for i, t in enumerate(pairs) if not isinstance(t, str) or not t.strip()]
+            if empty:
+                raise PeftlabError(f"second text #{empty[0] + 1} is empty: give non-empty second texts")
         # No cache: predictions are on ad-hoc texts, seldom repeated.
         dataset = tokenize(self.tokenizer, texts, None, self.meta.get("max_length", 512), pairs=pairs,
                            truncation=self.meta.get("truncation", "head"), cache=False)
         probs = softmax(predict_logits(self.model, dataset, self.collator, batch_size, self.precision, "predict"))
-        return [
+        results = [
             {"text": text, "label": self.label_names[int(p.argmax())],
              "probabilities": {n: float(v) for n, v in zip(self.label_names, p)}}
             for text, p in zip(texts, probs)
         ]
+        for result, second in zip(results, pairs or ()):
+            result["pair"] = second
+        return results

@@ -129,7 +129,8 @@ def _load_error(source: ModelSource, exc: Exception) -> PeftlabError:
 # Config keys that say nothing about the weights' identity (labels, paths, versions, dtype).
 _FINGERPRINT_SKIP = {"id2label", "label2id", "num_labels", "_name_or_path", "transformers_version", "dtype",
                      "torch_dtype", "architectures", "problem_type", "finetuning_task", "pad_token_id",
-                     "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states"}
+                     "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states",
+                     "quantization_config"}  # how weights are stored, not their shapes
 
 
 def base_fingerprint(model) -> str:
@@ -146,7 +147,7 @@ def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None 
     Returns (model, tokenizer, source). Weights load from safetensors; remote code runs only
     when `cfg.trust_remote_code` is set.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, PreTrainedModel
     from transformers.utils import logging as hf_logging
 
     source = resolve(cfg.name)
@@ -183,6 +184,16 @@ def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None 
         raise
     finally:
         hf_logging.set_verbosity(verbosity)
+    if source.gguf_file:
+        # transformers de-quantizes GGUF weights into plain tensors as it loads them, yet
+        # leaves the model marked as GGUF-quantized: Trainer then refuses to train it and
+        # save_pretrained (full fine-tuning, merged export) refuses to write it. It is an
+        # ordinary model now: transformers' own way to say so.
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel):
+                module.config._is_quantized = False
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
         log.info("model config had no pad_token_id: set it to %d (%r)", tokenizer.pad_token_id, tokenizer.pad_token)
