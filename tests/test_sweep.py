@@ -1,5 +1,6 @@
 """`peftlab sweep`: a grid of runs, deterministic names, restart after a kill, leaderboard."""
 
+import json
 import os
 import signal
 import subprocess
@@ -79,3 +80,32 @@ def test_shipped_sweep_configs_plan(path):
 
     base, grid = load_sweep(path)
     assert len(plan(base, grid, path.stem)) == len(combinations(grid)) > 1
+
+
+def test_run_killed_mid_training_is_resumed_not_restarted(tiny_encoder, sentiment_dir, tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": tiny_encoder}, "data": {"dataset": str(sentiment_dir)},
+        "train": {"max_steps": 30, "save_every": 5, "log_every": 5, "precision": "fp32", "batch_size": 8},
+        "sweep": {"method.name": ["lora", "head"]}}))
+    cmd = [sys.executable, "-m", "peftlab.cli", "sweep", "--config", str(path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = tmp_path / "runs" / "grid" / "method.name=lora"
+    state = first / "checkpoints" / "last" / "state.json"
+
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not state.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, "sweep ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (first / "report.json").is_file()
+
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "method.name=lora was killed part-way: resuming it from its last checkpoint" in out.stderr
+    assert "resumed from step" in out.stderr and out.stderr.count("resuming it") == 1
+    steps = [json.loads(line)["step"] for line in (first / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # continued: no step logged twice

@@ -7,6 +7,7 @@ from peftlab.data import PadCollator, load_data, tokenize
 from peftlab.evaluate import compute_metrics, evaluate
 from peftlab.methods import apply_method, count_parameters
 from peftlab.models import load_model
+from peftlab.report import read_metrics_log
 from peftlab.train import predict_logits_trainer, train_native, train_with_trainer
 
 
@@ -36,8 +37,13 @@ def test_both_engines_train_lora_and_head(tiny_cfg, tmp_path, engine):
     head_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
     run = train_native if engine == "native" else train_with_trainer
     extra = () if engine == "native" else (tmp_path / "trainer",)
-    summary = run(model, train, collate, cfg, "fp32", *extra)
+    summary = run(model, train, collate, cfg, "fp32", *extra, metrics_path=tmp_path / "metrics.jsonl")
     assert summary["steps"] == 40
+    # Both engines log the same metrics.jsonl entries: the report's loss and LR curves.
+    logged, _ = read_metrics_log(tmp_path / "metrics.jsonl")
+    assert [(e["step"], round(e["loss"], 4)) for e in logged] == \
+        [(h["step"], round(h["loss"], 4)) for h in summary["loss_history"]]
+    assert len(logged) >= 2 and logged[-1]["step"] == 40 and all(e["lr"] > 0 for e in logged[:-1])
     after_b = _lora_b(model)
     assert before_b and all(not torch.equal(before_b[n], after_b[n]) for n in before_b)
     assert not torch.equal(head_before, model.base_model.model.classifier.modules_to_save["default"].weight)

@@ -196,7 +196,8 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     model = apply_method(model, cfg.method)
     trainable, total = count_parameters(model)
     if cfg.train.engine == "trainer":
-        train_summary = train_with_trainer(model, train_ds, collator, cfg, precision, work_dir)
+        train_summary = train_with_trainer(model, train_ds, collator, cfg, precision, work_dir,
+                                           run_dir / "metrics.jsonl")
     else:
         def validate(m):
             return evaluate(m, val_ds, collator, bundle.label_names, cfg.train.eval_batch_size, precision,

@@ -6,7 +6,8 @@
       train.seed: [1, 2]
 
 Runs are named `<sweep name>/<key=value,...>` in the grid's order, so a restarted sweep
-finds the runs it already finished (their report.json) and skips them.
+finds the runs it already finished (their report.json) and skips them, and continues a run
+that was killed part-way from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -99,7 +100,29 @@ def run_sweep(base: RunConfig, grid: dict[str, list], sweep_name: str) -> list[d
             reports.append(load_run_report(run_dir))
             continue
         log.info("sweep %d/%d: %s", n, len(configs), cfg.name)
-        # A folder without report.json is a run killed part-way: start it again from scratch.
+        if _resumable(cfg, run_dir):
+            log.info("sweep %d/%d: %s was killed part-way: resuming it from its last checkpoint",
+                     n, len(configs), cfg.name)
+            reports.append(run_experiment(cfg, resume=True))
+            continue
+        # Anything else in the folder (no checkpoint yet, other settings) starts again.
         cfg.overwrite = True
         reports.append(run_experiment(cfg))
     return reports
+
+
+def _resumable(cfg: RunConfig, run_dir: Path) -> bool:
+    """Whether `run_dir` holds a killed run of exactly this config with a checkpoint to
+    continue from (the native engine's; the Trainer engine keeps none)."""
+    from peftlab.config import load_config
+    from peftlab.train import CHECKPOINT_STATE
+
+    if cfg.train.engine != "native" or not (run_dir / "checkpoints" / "last" / CHECKPOINT_STATE).is_file():
+        return False
+    try:
+        saved = load_config(run_dir / "config.yaml")
+    except PeftlabError:
+        return False
+    # The run itself records overwrite=True (the sweep set it); that is not a setting.
+    saved.overwrite = cfg.overwrite
+    return saved.to_dict() == cfg.to_dict()

@@ -438,7 +438,7 @@ def _trainer_args(cfg: RunConfig, precision: str, output_dir: Path, total_steps:
 
 
 def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, collator: PadCollator,
-                  train_dataset=None):
+                  train_dataset=None, metrics_path: Path | None = None):
     from transformers import Trainer, TrainerCallback
 
     class StepHook(TrainerCallback):
@@ -451,6 +451,18 @@ def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, colla
             if self.hook is not None:
                 self.hook(state.global_step + 1)
 
+    class MetricsLog(TrainerCallback):
+        """The Trainer's loss logs as metrics.jsonl entries, the native loop's format, so the
+        report draws the same loss and learning-rate curves for both engines."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if metrics_path is None or not state.is_world_process_zero or "loss" not in (logs or {}):
+                return
+            entry = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 3), "loss": logs["loss"],
+                     "lr": logs.get("learning_rate")}
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+
     # LoRA+ and a separate head rate need their own parameter groups; otherwise the
     # Trainer builds its default AdamW.
     ratio = _lora_plus_ratio(cfg)
@@ -461,17 +473,18 @@ def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, colla
         args=_trainer_args(cfg, precision, output_dir),
         train_dataset=_ListDataset(train_dataset) if train_dataset is not None else None,
         data_collator=collator,
-        callbacks=[StepHook()] if train_dataset is not None else None,
+        callbacks=[StepHook(), MetricsLog()] if train_dataset is not None else None,
         optimizers=(optimizer, None),
     )
 
 
 def train_with_trainer(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig,
-                       precision: str, work_dir: Path) -> dict:
-    """Train `model` in place with the Hugging Face Trainer; returns the same summary."""
+                       precision: str, work_dir: Path, metrics_path: Path | None = None) -> dict:
+    """Train `model` in place with the Hugging Face Trainer; returns the same summary. Loss
+    logs are appended to `metrics_path` as the native loop writes them."""
     from accelerate.state import AcceleratorState
 
-    trainer = _make_trainer(model, cfg, precision, work_dir, collator, dataset)
+    trainer = _make_trainer(model, cfg, precision, work_dir, collator, dataset, metrics_path)
     start = time.perf_counter()
     result = trainer.train()
     elapsed = time.perf_counter() - start
