@@ -9,7 +9,9 @@ model, LoRA config (r=8, alpha=16, dropout 0.1, targets query/value: peft's BERT
 batch size, epochs, learning rate and seed:
   a  stock:   Trainer + peft LoRA + DataCollatorWithPadding (random batches), fp32
   b  grouped: the same with train_sampling_strategy="group_by_length"
-  c  peftlab: peftlab's native loop (length-grouped batches, precision=auto)
+  c  peftlab: peftlab's native loop (batching=auto, precision=auto): length-grouped
+     batches, or length-grouped within each class where length predicts the label
+  f  peftlab_length: c with batching=length (plain length grouping, least padding)
   d  peftlab_nodrop: c with the base model's own dropout off (model_dropout=0; LoRA's
      dropout stays), a speed option, not the default
   e  peftlab_compile: c with torch.compile (dynamic shapes; compile time included)
@@ -167,7 +169,8 @@ def child(args) -> None:
     result = {"stock": lambda: run_stock(args, False), "grouped": lambda: run_stock(args, True),
               "peftlab": lambda: run_peftlab(args), "facts": lambda: model_facts(args),
               "peftlab_nodrop": lambda: run_peftlab(args, ["model_dropout=0"]),
-              "peftlab_compile": lambda: run_peftlab(args, ["compile=true"])}[args.variant]()
+              "peftlab_compile": lambda: run_peftlab(args, ["compile=true"]),
+              "peftlab_length": lambda: run_peftlab(args, ["batching=length"])}[args.variant]()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -218,7 +221,8 @@ def main() -> None:
     for name, r in results.items():
         label = {"stock": "a stock Trainer", "grouped": "b Trainer + group_by_length", "peftlab": "c peftlab",
                  "peftlab_nodrop": "d peftlab, model_dropout=0",
-                 "peftlab_compile": "e peftlab, compile=true"}[name]
+                 "peftlab_compile": "e peftlab, compile=true",
+                 "peftlab_length": "f peftlab, batching=length"}[name]
         if name.startswith("peftlab"):
             label += f" ({r['precision']})"
         r["train_sps"] = r["train_n"] * args.epochs / r["train_seconds"]

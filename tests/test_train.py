@@ -1,3 +1,5 @@
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -98,3 +100,21 @@ def test_training_is_deterministic(tiny_cfg):
         train_native(model, train, collate, cfg, "fp32")
         results.append(evaluate(model, test, collate, bundle.label_names, 32)[1])
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_auto_batching_stratifies_only_where_length_predicts_the_label(caplog):
+    from peftlab.data import TokenizedDataset
+    from peftlab.train import training_sampler
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random(600) < 0.15).astype(int).tolist()
+    predictive = [int(rng.integers(60, 120)) if y else int(rng.integers(5, 60)) for y in labels]
+    unrelated = rng.integers(5, 120, 600).tolist()
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        assert training_sampler(TokenizedDataset([[1] * n for n in predictive], labels), 16, 0).labels is not None
+        assert "batching: stratified" in caplog.text and "length predicts the label" in caplog.text
+        caplog.clear()
+        assert training_sampler(TokenizedDataset([[1] * n for n in unrelated], labels), 16, 0).labels is None
+        assert "batching: length" in caplog.text
+    assert training_sampler(TokenizedDataset([[1] * n for n in predictive], labels), 16, 0, "length").labels is None
+    assert training_sampler(TokenizedDataset([[1] * n for n in unrelated], labels), 16, 0, "random").window == 1

@@ -250,6 +250,13 @@ class TrainConfig:
         "lr, except 1e-1 for bitfit, prompt_tuning and p_tuning (config.DEFAULT_HEAD_LR), which "
         "change the features too little for a head trained at their own rate.",
     )
+    batching: str = _f(
+        "auto",
+        "How training batches are formed (native engine): length (similar lengths per batch: "
+        "least padding), stratified (similar lengths within each class: every batch keeps the "
+        "class mix), random, or auto: length, unless length-grouped batches would mix the "
+        "classes worse than random batches do (length predicts the label), then stratified.",
+    )
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     warmup_ratio: float = _f(0.06, "Fraction of steps spent warming the learning rate up.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
@@ -300,6 +307,8 @@ class TrainConfig:
             out.append(f"train.lr={self.lr} must be positive")
         if self.head_lr is not None and self.head_lr <= 0:
             out.append(f"train.head_lr={self.head_lr} must be positive (or unset: the method's default)")
+        if self.batching not in ("auto", "length", "stratified", "random"):
+            out.append(f"train.batching={self.batching!r} is not one of auto, length, stratified, random")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             out.append(f"train.precision={self.precision!r} is not one of auto, fp32, bf16, fp16")
         if self.metric_for_best not in ("macro_f1", "accuracy", "loss"):

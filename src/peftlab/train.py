@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from peftlab.config import RunConfig
-from peftlab.data import LengthGroupedBatchSampler, PadCollator, TokenizedDataset
+from peftlab.data import LengthGroupedBatchSampler, PadCollator, TokenizedDataset, label_skew
 from peftlab.errors import PeftlabError
 from peftlab.methods import prepare_step_hook
 
@@ -92,6 +92,29 @@ def _optimizer(model, lr: float, weight_decay: float, lora_plus_ratio: float | N
         return torch.optim.AdamW(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=lr)
+
+
+def training_sampler(dataset: TokenizedDataset, batch_size: int, seed: int,
+                     batching: str = "auto") -> LengthGroupedBatchSampler:
+    """The training batch sampler for `batching` (TrainConfig.batching); `auto` resolved
+    from the data itself and logged."""
+    if batching == "auto" and dataset.labels is not None:
+        length = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed)
+        random = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed, window=1)
+        grouped_skew, random_skew = label_skew(length.batches(), dataset.labels), label_skew(random.batches(),
+                                                                                             dataset.labels)
+        # Length-grouped batches that mix the classes clearly worse than random ones would
+        # mean length predicts the label; within-class grouping then keeps every batch mixed.
+        batching = "stratified" if grouped_skew > 1.25 * random_skew else "length"
+        log.info("batching: %s (label skew of length-grouped batches %.3f vs %.3f for random ones%s)", batching,
+                 grouped_skew, random_skew, ": length predicts the label here" if batching == "stratified" else "")
+    elif batching == "auto":
+        batching = "length"
+    if batching == "stratified" and dataset.labels is None:
+        raise PeftlabError("batching=stratified needs labelled training data")
+    return LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed,
+                                     window=1 if batching == "random" else 50,
+                                     labels=dataset.labels if batching == "stratified" else None)
 
 
 def _lora_plus_ratio(cfg: RunConfig) -> float | None:
@@ -220,7 +243,7 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     if world > 1:
         log.info("distributed: %d processes x %d examples = global batch %d", world, tc.batch_size // world,
                  tc.batch_size)
-    sampler = LengthGroupedBatchSampler(dataset.lengths, tc.batch_size, shuffle=True, seed=tc.seed)
+    sampler = training_sampler(dataset, tc.batch_size, tc.seed, tc.batching)
     # A private generator: otherwise each new epoch iterator draws its base seed from the
     # global RNG, shifting the dropout masks that exact --resume must reproduce.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
