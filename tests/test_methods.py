@@ -27,6 +27,20 @@ CASES = [(m, "encoder") for m in METHODS if m not in ("qlora", "loftq")] + [
 # On the tiny decoder p_tuning's prompt encoder does not learn the task in one epoch (at any
 # seed or lr tried); it does on the tiny encoder. Strict: the test says so when that changes.
 DOES_NOT_LEARN = {("p_tuning", "decoder")}
+# One learning rate for every method (1e-2), so that none is tuned to pass, scaled only where
+# the method itself scales it: full fine-tuning moves every weight and takes a tenth of it;
+# LoRA+ trains B at lora_plus_ratio (16) x lr, so it takes half, as its product default does
+# (config.DEFAULT_LR: lora_plus = lora / 2). At 1e-2 LoRA+'s B matrices ran at 0.16 and the
+# result depended on the CPU's kernels: 0.65 with AVX-512/AMX, 0.925 with AVX2 (seed 1: 0.50
+# vs 0.84), where at 5e-3 it scores 1.0 on both paths and seeds 42, 1 and 2.
+TEST_LR = {"full": 1e-3, "lora_plus": 5e-3}
+# Measured margins over LEARNS_AT (2026-11-29, Intel Xeon with AMX, seed 42; "AVX2" is the
+# same machine with ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2
+# ONEDNN_MAX_CPU_ISA=AVX2, the kernels of an AVX2-only CPU): every encoder case 1.0 on both
+# paths; decoder lora 0.975 / 0.9875, ia3 0.9125 / 0.9125, prompt_tuning 0.9625 / 0.9625,
+# prefix_tuning 1.0 / 1.0; the closest, ia3 on the decoder, clears 0.85 by 0.06 (5 test
+# texts) on both, and so with train seeds 1 and 2. p_tuning on the decoder: 0.70 / 0.675.
+LEARNS_AT = 0.85
 
 RELOAD_ALL = """
 import json, sys
@@ -81,10 +95,8 @@ def trained(pretrained_encoder, pretrained_decoder, sentiment_dir, tmp_path_fact
     results, dirs = {}, {}
     for method, kind in CASES:
         case = f"{method}-{kind}"
-        # One learning rate for every method, so that none is tuned to pass; full
-        # fine-tuning moves every weight and takes a tenth of it.
         cfg = _cfg(pretrained_encoder if kind == "encoder" else pretrained_decoder, sentiment_dir, method,
-                   "epochs=1", "lr=1e-3" if method == "full" else "lr=1e-2")
+                   "epochs=1", f"lr={TEST_LR.get(method, 1e-2)}")
         model, _, bundle, logits, summary, moved = _train(cfg, root / case)
         accuracy = float((logits.argmax(1) == np.array(bundle.test_labels)).mean())
         results[case] = {"logits": logits, "summary": summary, "trainable": count_parameters(model)[0],
@@ -117,10 +129,10 @@ def test_method_learns_saves_and_reloads_identically(trained, method, kind):
     else:
         np.testing.assert_array_equal(result["reloaded"], result["logits"])
     if (method, kind) in DOES_NOT_LEARN:
-        if result["accuracy"] < 0.85:
+        if result["accuracy"] < LEARNS_AT:
             pytest.xfail(f"{method} on the tiny {kind}: accuracy {result['accuracy']:.3f} after one epoch")
         pytest.fail(f"{method} on the tiny {kind} now learns ({result['accuracy']:.3f}): drop it from DOES_NOT_LEARN")
-    assert result["accuracy"] >= 0.85, result["accuracy"]
+    assert result["accuracy"] >= LEARNS_AT, result["accuracy"]
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])

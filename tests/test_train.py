@@ -118,3 +118,29 @@ def test_auto_batching_stratifies_only_where_length_predicts_the_label(caplog):
         assert "batching: length" in caplog.text
     assert training_sampler(TokenizedDataset([[1] * n for n in predictive], labels), 16, 0, "length").labels is None
     assert training_sampler(TokenizedDataset([[1] * n for n in unrelated], labels), 16, 0, "random").window == 1
+
+
+@pytest.mark.parametrize("cpu_flags,capability,onednn_isa,native", [
+    ("avx2 avx512f avx512_bf16 amx_bf16", "AVX512", None, True),
+    ("avx2 avx512f avx512_bf16 amx_bf16", "AVX512", "AVX512_CORE_AMX", True),
+    # The same CPU with its kernels held to AVX2 (as .ci/run's second pass does): bf16 is
+    # emulated there, some 300x slower than fp32, so auto must not pick it.
+    ("avx2 avx512f avx512_bf16 amx_bf16", "AVX2", None, False),
+    ("avx2 avx512f avx512_bf16 amx_bf16", "AVX512", "AVX2", False),
+    ("avx2 fma", "AVX2", None, False),  # an AVX2-only CPU
+])
+def test_auto_precision_picks_bf16_only_where_it_is_native(monkeypatch, cpu_flags, capability, onednn_isa, native):
+    from pathlib import Path
+
+    from peftlab.train import cpu_supports_bf16, resolve_precision
+
+    read_text = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"flags\t: {cpu_flags}\n"
+                        if str(self) == "/proc/cpuinfo" else read_text(self, *a, **k))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if onednn_isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+    assert cpu_supports_bf16() is native
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
