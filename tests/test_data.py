@@ -362,6 +362,197 @@ def test_empty_file_is_a_clear_error(tmp_path, name):
         load_data(DataConfig(dataset=str(tmp_path / name)))
 
 
+@pytest.mark.parametrize("name", ["d.csv", "d.tsv"])
+def test_header_without_rows_is_a_clear_error(tmp_path, name):
+    (tmp_path / name).write_text("text,label\n" if name.endswith(".csv") else "text\tlabel\n")
+    with pytest.raises(PeftlabError, match=rf"{name} has a header but no data rows: add rows below its header"):
+        load_data(DataConfig(dataset=str(tmp_path / name)))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("d.csv", b"PAR1\x00\x00", r"d\.csv is a Parquet file named \.csv: rename it to \.parquet"),
+    ("d.jsonl", b"PAR1\x00\x00", r"d\.jsonl is a Parquet file named \.jsonl: rename it to \.parquet"),
+    ("d.csv", gzip.compress(b"text,label\na,x\n"), r"d\.csv is gzip-compressed: name it d\.csv\.gz"),
+    ("d.csv.gz", b"text,label\na,x\n", r"d\.csv\.gz is named \.gz but is not gzip-compressed: remove \.gz"),
+    ("d.csv", b"PK\x03\x04rest", r"d\.csv is a ZIP archive \(an Excel workbook\?\) named \.csv: export it as CSV"),
+])
+def test_file_in_another_format_than_its_name(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(PeftlabError, match=message):
+        load_data(DataConfig(dataset=str(tmp_path / name)))
+
+
+@pytest.mark.parametrize("name,header,message", [
+    ("d.csv", "text;label", r"looks ';'-delimited \(its header 'text;label' has no commas\): save it "
+                            r"comma-separated, or tab-separated as \.tsv"),
+    ("d.csv", "text|label", r"looks '\|'-delimited .*: save it comma-separated"),
+    ("d.csv", "text\tlabel", r"looks tab-delimited .*: name it \.tsv"),
+    ("d.tsv", "text,label", r"looks comma-delimited \(its header 'text,label' has no tabs\): name it \.csv"),
+])
+def test_file_split_by_another_delimiter(tmp_path, name, header, message):
+    sep = header[4]
+    # Commas inside texts would otherwise fail as 'Expected 1 fields', far from the cause.
+    (tmp_path / name).write_text(f"{header}\n" + "".join(f"good, w{i}{sep}pos\nbad, w{i}{sep}neg\n" for i in range(5)))
+    with pytest.raises(PeftlabError, match=message):
+        load_data(DataConfig(dataset=str(tmp_path / name)))
+
+
+def test_rows_with_a_field_more_than_the_header_are_refused(tmp_path):
+    """pandas would take the first field as the index and shift every text and label."""
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"w{i}, good,pos\nw{i}, bad,neg\n" for i in range(5)))
+    with pytest.raises(PeftlabError, match=r"d\.csv: its rows have one field more than its header 'text,label': "
+                                           r"quote the texts that hold a comma"):
+        load_data(DataConfig(dataset=str(tmp_path / "d.csv")))
+
+
+def _texts_opening_quotes(n):
+    """Texts of which every other starts with an unclosed quote, as SMS and tweets do."""
+    return [f'"w{i} good' if i % 2 == 0 else f"w{i} bad" for i in range(n)], ["pos" if i % 3 else "neg" for i in range(n)]
+
+
+def test_unquoted_tsv_texts_starting_with_a_quote_stay_rows(tmp_path, caplog):
+    texts, labels = _texts_opening_quotes(120)
+    path = tmp_path / "d.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(texts, labels)))
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        bundle = load_data(DataConfig(dataset=str(path)))
+    assert bundle.facts["rows_read"] == 120 and bundle.facts["rows_merged_or_dropped"] == 0
+    by_text = dict(zip(texts, labels))
+    assert all(by_text[t] == bundle.label_names[y] for t, y in zip(bundle.train_texts, bundle.train_labels))
+    assert not caplog.records
+
+
+def test_tsv_with_quoted_header_is_read_with_quoting(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_text('"text"\t"label"\n' + "".join(f'"say ""w{i}""\tthen"\t"{"pos" if i % 2 else "neg"}"\n'
+                                                   for i in range(10)))
+    bundle = load_data(DataConfig(dataset=str(path)))
+    assert sorted(bundle.train_texts + bundle.test_texts) == sorted(f'say "w{i}"\tthen' for i in range(10))
+
+
+def test_tsv_written_by_pandas_with_tabs_in_texts_is_read_quoted(tmp_path):
+    df = pd.DataFrame({"text": [f"w{i}\tgood" for i in range(10)], "label": ["pos", "neg"] * 5})
+    df.to_csv(tmp_path / "d.tsv", sep="\t", index=False)  # quotes only the texts holding a tab
+    bundle = load_data(DataConfig(dataset=str(tmp_path / "d.tsv")))
+    assert sorted(bundle.train_texts + bundle.test_texts) == sorted(df["text"])
+    assert bundle.facts["rows_merged_or_dropped"] == 0
+
+
+def test_lines_merged_by_an_unbalanced_quote_are_counted(tmp_path, caplog):
+    texts, labels = _texts_opening_quotes(120)
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        bundle = load_data(DataConfig(dataset=str(path)))
+    assert bundle.facts["rows_read"] == 60 and bundle.facts["rows_merged_or_dropped"] == 60
+    assert "60 of its 121 lines did not become rows of their own (60 rows read)" in caplog.text
+
+
+def test_quoted_csv_with_line_breaks_in_texts_is_not_flagged(tmp_path, caplog):
+    texts = [f'w{i} "good"\n\n  \nw{i}' if i % 2 else f"w{i}\r\nbad, w{i}" for i in range(20)]
+    pd.DataFrame({"text": texts, "label": ["pos", "neg"] * 10}).to_csv(tmp_path / "d.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        bundle = load_data(DataConfig(dataset=str(tmp_path / "d.csv")))
+    assert bundle.facts["rows_read"] == 20 and bundle.facts["rows_merged_or_dropped"] == 0
+    assert not caplog.records
+
+
+# --- label hygiene ----------------------------------------------------------------------
+
+
+def _frame(labels, n_texts=None):
+    return pd.DataFrame({"text": [f"w{i} text" for i in range(n_texts or len(labels))], "label": labels})
+
+
+def test_words_for_missing_labels_drop_their_rows(tmp_path, caplog):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "".join(f"w{i},{y}\n" for i, y in enumerate(
+        ["pos", "neg"] * 6 + ["NaN", "NaN", " null ", "N/A", "None"])))
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        bundle = load_data(DataConfig(dataset=str(path)))
+    assert bundle.label_names == ["neg", "pos"] and bundle.facts["train_size"] + bundle.facts["test_size"] == 12
+    assert "dropped 2 train rows whose label is 'NaN', taken as a missing label" in caplog.text
+    assert "dropped 1 train rows whose label is 'null'" in caplog.text and "'N/A'" in caplog.text
+
+
+def test_words_for_missing_labels_in_an_int_column_leave_ints(tmp_path):
+    """A 'NaN' made pandas read train's labels as text; test's stay ints: both map alike."""
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"w{i},{i % 2}\n" for i in range(8)) + "w9,NaN\n")
+    (tmp_path / "test.csv").write_text("text,label\nw10,0\nw11,1\n")
+    bundle = load_data(DataConfig(dataset=str(tmp_path)))
+    assert bundle.label_names == ["0", "1"] and bundle.test_labels == [0, 1] and len(bundle.train_texts) == 8
+
+
+def test_label_whitespace_is_stripped_with_a_count(caplog):
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        bundle = load_data(DataConfig(), source=_frame(["pos", "neg ", " pos", "neg"] * 5))
+    assert bundle.label_names == ["neg", "pos"]
+    assert "stripped surrounding whitespace from 10 train labels" in caplog.text
+
+
+def test_labels_differing_only_in_case_are_one_class_in_train_and_test(caplog):
+    train = _frame(["ham"] * 6 + ["spam"] * 4 + ["Ham", "SPAM"])
+    test = _frame(["HAM", "spam", "ham"])
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        bundle = load_data(DataConfig(), source={"train": train, "test": test})
+    assert bundle.label_names == ["ham", "spam"] and bundle.test_labels == [0, 1, 0]
+    assert "taken as one class 'ham': 'ham' (7 rows), 'Ham' (1 rows), 'HAM' (1 rows)" in caplog.text
+    assert "taken as one class 'spam'" in caplog.text
+
+
+def test_label_column_with_nearly_one_class_per_row_is_refused():
+    df = pd.DataFrame({"text": ["pos", "neg"] * 20, "label": [f"a review, number {i}" for i in range(40)]})
+    with pytest.raises(PeftlabError, match=r"label column 'label' has 40 classes in 40 training rows, nearly one "
+                                           r"per row: it may hold the texts; set --text-column/--label-column"):
+        load_data(DataConfig(), source={"train": df, "test": df})
+
+
+def test_classes_missing_from_the_test_split_are_named(caplog):
+    train, test = _frame(["a", "b", "c"] * 4), _frame(["a", "b", "a"])
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        bundle = load_data(DataConfig(), source={"train": train, "test": test})
+    assert bundle.facts["classes_missing_from_test"] == ["c"]
+    assert "1 of 3 classes have no test examples: ['c']" in caplog.text
+
+
+# --- label names of an adapter ----------------------------------------------------------
+
+
+def test_integer_labels_are_not_matched_to_adapter_names_by_position():
+    with pytest.raises(PeftlabError, match=r"the data's labels are integers \[0, 1\] but the adapter's labels are "
+                                           r"names \['ham', 'spam'\]: relabel the data with those names"):
+        load_data(DataConfig(), label_names=["ham", "spam"], source=_frame([0, 1] * 5))
+
+
+def test_integer_labels_match_adapter_names_through_the_preset(tmp_path, offline):
+    _mirror(tmp_path, "sms_spam", "train", [{"sms": f"m{i}", "label": int(i % 5 == 0)} for i in range(50)])
+    bundle = load_data(DataConfig(dataset="sms_spam"), str(tmp_path), label_names=["ham", "spam"])
+    assert bundle.label_names == ["ham", "spam"] and bundle.test_labels.count(1) == 2
+    with pytest.raises(PeftlabError, match="relabel the data"):  # the preset's names are not these
+        load_data(DataConfig(dataset="sms_spam"), str(tmp_path), label_names=["neg", "pos"])
+
+
+def test_integer_labels_match_adapter_names_through_class_labels():
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["spam", "ham"])})
+    ds = datasets.Dataset.from_dict({"text": [f"w{i}" for i in range(10)], "label": [0, 1] * 5}, features=features)
+    bundle = load_data(DataConfig(), label_names=["ham", "spam"], source=ds)
+    by_text = {f"w{i}": ["spam", "ham"][i % 2] for i in range(10)}
+    assert all(bundle.label_names[y] == by_text[t] for t, y in zip(bundle.train_texts, bundle.train_labels))
+
+
+def test_integer_labels_match_integer_adapter_names_by_value():
+    bundle = load_data(DataConfig(), label_names=["1", "3"], source=_frame([3, 1] * 5))
+    assert all(bundle.label_names[y] == str(3 if int(t[1:].split()[0]) % 2 == 0 else 1)
+               for t, y in zip(bundle.train_texts, bundle.train_labels))
+
+
+def test_string_labels_take_the_adapter_spelling():
+    bundle = load_data(DataConfig(), label_names=["ham", "spam"], source=_frame(["Ham", "SPAM"] * 5))
+    assert bundle.label_names == ["ham", "spam"] and sorted(set(bundle.train_labels)) == [0, 1]
+
+
 # --- tokenization, truncation and the token cache ---------------------------------------
 
 

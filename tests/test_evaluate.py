@@ -25,3 +25,13 @@ def test_metrics_match_hand_computation():
 def test_class_never_predicted_has_zero_precision_not_nan():
     m = compute_metrics(np.array([[1.0, 0.0], [1.0, 0.0]]), [0, 1], ["a", "b"])
     assert m["per_class"]["b"]["precision"] == 0.0 and m["macro_f1"] == pytest.approx((2 / 3) / 2)
+
+
+def test_macro_f1_is_taken_over_the_classes_present_in_the_labels():
+    # preds: [0, 0, 1, 1]; labels: [0, 1, 1, 1]; class c has no example and is never predicted.
+    logits = np.array([[2, 0, 0], [2, 0, 0], [0, 2, 0], [0, 2, 0]], dtype=np.float32)
+    m = compute_metrics(logits, [0, 1, 1, 1], ["a", "b", "c"])
+    # a: P 1/2, R 1, F1 2/3; b: P 1, R 2/3, F1 4/5; c: undefined, so left out rather than counted as 0.
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert m["macro_f1_over"] == "classes present in the evaluated labels (2 of 3)"
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}

@@ -16,6 +16,9 @@ off. Files there can be deleted at any time.
 
 from __future__ import annotations
 
+import collections
+import csv
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -24,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
 import zipfile
@@ -77,6 +81,8 @@ PRESETS["sst2"] = PRESETS["glue/sst2"]
 FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 TEXT_COLUMN_GUESSES = ("text", "sentence", "sms", "review", "content", "document", "message")
 LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target", "sentiment", "y")
+# Where read_table leaves, for a CSV/TSV, how many lines did not become rows of their own.
+ROWS_MERGED_ATTR = "peftlab_rows_merged_or_dropped"
 
 
 @dataclass
@@ -145,11 +151,121 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
         return pd.read_json(path, lines=True, dtype=False)
 
 
+def _open_text(path: Path, encoding: str, **kwargs):
+    """A text file, decompressed if its name ends in .gz."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    return opener(path, "rt", encoding=encoding, **kwargs)
+
+
+def _check_magic(path: Path, suffix: str, compressed: bool) -> None:
+    """Refuse a file whose first bytes name another format than its name does: the parsers
+    would otherwise report a Parquet or gzip file as garbled text."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    gzipped = head[:2] == b"\x1f\x8b"
+    if compressed and not gzipped:
+        raise PeftlabError(f"{path} is named .gz but is not gzip-compressed: remove .gz from its name")
+    if suffix == ".parquet":
+        return
+    if head == b"PAR1":
+        raise PeftlabError(f"{path} is a Parquet file named {suffix}: rename it to .parquet")
+    if gzipped and not compressed:
+        raise PeftlabError(f"{path} is gzip-compressed: name it {path.name}.gz")
+    if head == b"PK\x03\x04":
+        raise PeftlabError(f"{path} is a ZIP archive (an Excel workbook?) named {suffix}: export it as CSV")
+
+
+_DELIMITER_NAMES = {",": "comma", "\t": "tab", ";": "';'", "|": "'|'"}
+
+
+def _check_delimiter(path: Path, header: str, sep: str) -> None:
+    """Refuse a CSV/TSV whose header is split by another delimiter than its extension's: read
+    as one column, its rows would only fail later, on a column name that cannot be found."""
+    if sep in header:
+        return
+    other = next((d for d in _DELIMITER_NAMES if d != sep and d in header), None)
+    if other is None:
+        return
+    if {sep, other} == {",", "\t"}:
+        fix = "name it .tsv" if other == "\t" else "name it .csv"
+    else:
+        fix = ("save it comma-separated, or tab-separated as .tsv" if sep == ","
+               else "save it tab-separated, or comma-separated as .csv")
+    raise PeftlabError(f"{path} looks {_DELIMITER_NAMES[other]}-delimited (its header {header!r} has no "
+                       f"{_DELIMITER_NAMES[sep]}s): {fix}")
+
+
+def _nonblank_lines(path: Path, sep: str) -> int:
+    """Lines of a CSV/TSV that pandas does not skip as blank. As for pandas, CR, LF and CRLF
+    all end a line; a line of spaces is blank, and so is one of tabs, except in a TSV."""
+    blank = " \n" if sep == "\t" else " \t\n"
+    # Latin-1 maps bytes 1:1, and UTF-8 never puts a line break or space inside a character.
+    with _open_text(path, "latin-1") as fh:
+        return sum(1 for line in fh if line.strip(blank))
+
+
+def _quoting_is_strict(path: Path, sep: str) -> bool:
+    """Whether every quoted field of a CSV/TSV is closed right before a delimiter or line end.
+    pandas accepts text after a closing quote, so an unbalanced quote silently runs on."""
+    limit = csv.field_size_limit(2**31 - 1)  # a long quoted text is not malformed
+    try:
+        with _open_text(path, "utf-8", newline="") as fh:
+            collections.deque(csv.reader(fh, delimiter=sep, strict=True), maxlen=0)
+        return True
+    except csv.Error:
+        return False
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
+    """A CSV or TSV, with the count of lines that did not become rows of their own in
+    `df.attrs[ROWS_MERGED_ATTR]` (logged as a warning when not 0).
+
+    A TSV is read without quote processing unless its header fields are all quoted: in an
+    unquoted TSV a text that starts with a quote would otherwise swallow the lines up to the
+    next quote, labels and all. If tabs inside quoted texts make the unquoted read fail, the
+    file is read as quoted. A quoted file's line count is checked against its rows; line
+    breaks inside well-formed quoted texts are fine.
+    """
+    with _open_text(path, "utf-8-sig", errors="replace", newline="") as fh:
+        header = fh.readline().rstrip("\r\n")
+    _check_delimiter(path, header, sep)
+    read = functools.partial(pd.read_csv, path, sep=sep, keep_default_na=False, na_values=[""],
+                             encoding="utf-8")
+    fields = header.split(sep)
+    quoted = sep == "," or all(len(f) > 1 and f[0] == f[-1] == '"' for f in fields)
+    if not quoted:
+        try:
+            df = read(quoting=csv.QUOTE_NONE)
+        except pd.errors.ParserError:
+            df = None
+        # More fields than the header has, in some rows (an error) or all (pandas then takes
+        # the first as the index): tabs inside quoted texts, so the file is quoted after all.
+        quoted = df is None or not isinstance(df.index, pd.RangeIndex)
+    if quoted:
+        df = read()
+    if not isinstance(df.index, pd.RangeIndex):
+        raise PeftlabError(f"{path}: its rows have one field more than its header {header!r}: quote the texts "
+                           f"that hold a {_DELIMITER_NAMES[sep]}, or name every column in the header")
+    if len(df) == 0:
+        raise PeftlabError(f"{path} has a header but no data rows: add rows below its header line {header!r}")
+    lines = _nonblank_lines(path, sep) if quoted else len(df) + 1  # unquoted: one row per line
+    merged = 0 if lines == len(df) + 1 or _quoting_is_strict(path, sep) else lines - len(df) - 1
+    if merged:
+        log.warning("%s: %d of its %d lines did not become rows of their own (%d rows read): an "
+                    "unbalanced quote merged them into other rows' texts; fix the quoting in the file",
+                    path, merged, lines, len(df))
+    df.attrs[ROWS_MERGED_ATTR] = merged
+    return df
+
+
 def read_table(path: Path) -> pd.DataFrame:
     """Read one CSV/TSV/JSON/JSONL/Parquet file (optionally .gz) into a DataFrame.
 
-    Raises PeftlabError for an empty file, invalid UTF-8 (naming the byte offset) or content
-    that is not the format its extension names.
+    Raises PeftlabError for an empty file, a header without rows, invalid UTF-8 (naming the
+    byte offset), a CSV/TSV split by another delimiter, or content that is not the format its
+    name says. For CSV/TSV, `df.attrs[ROWS_MERGED_ATTR]` counts lines merged into other rows.
     """
     name = path.name.lower()
     compressed = name.endswith(".gz")
@@ -157,21 +273,24 @@ def read_table(path: Path) -> pd.DataFrame:
     suffix = Path(stem).suffix
     if path.stat().st_size == 0:
         raise PeftlabError(f"{path} is empty (0 bytes): check that the file was written completely")
+    if suffix not in FILE_SUFFIXES:
+        raise PeftlabError(
+            f"{path}: unsupported file type {suffix or '(none)'}; use one of "
+            f"{', '.join(FILE_SUFFIXES)} (optionally .gz)"
+        )
+    _check_magic(path, suffix, compressed)
     try:
         if suffix == ".parquet":
             return pd.read_parquet(path)
         if suffix in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False,
-                               na_values=[""], encoding="utf-8")
+            return _read_delimited(path, "\t" if suffix == ".tsv" else ",")
         if suffix == ".jsonl":
             return _read_jsonl(path)
-        if suffix == ".json":
-            opener = gzip.open if compressed else open
-            with opener(path, "rt", encoding="utf-8") as fh:
+        with _open_text(path, "utf-8") as fh:
+            first = fh.read(1)
+            while first.isspace():
                 first = fh.read(1)
-                while first.isspace():
-                    first = fh.read(1)
-            return pd.read_json(path, lines=first != "[", dtype=False)
+        return pd.read_json(path, lines=first != "[", dtype=False)
     except UnicodeDecodeError:
         offset, line = _first_bad_utf8(path)
         raise PeftlabError(
@@ -184,10 +303,6 @@ def read_table(path: Path) -> pd.DataFrame:
             f"{path} could not be read as {kind} ({first}): check that its content is {kind}, "
             f"as its extension says"
         ) from None
-    raise PeftlabError(
-        f"{path}: unsupported file type {suffix or '(none)'}; use one of "
-        f"{', '.join(FILE_SUFFIXES)} (optionally .gz)"
-    )
 
 
 def _split_files(folder: Path) -> dict[str, Path]:
@@ -365,8 +480,34 @@ def _pick_columns(df: pd.DataFrame, cfg: DataConfig, preset: Preset | None,
     return text, pair, label
 
 
+# Label strings that mean "no label": what a missing value becomes when a table is written as text.
+MISSING_LABEL_WORDS = frozenset({"NaN", "nan", "None", "null", "NULL", "N/A", "NA"})
+_INT_LITERAL = re.compile(r"[+-]?\d+")
+# A label column is refused when it has more classes than this and more than half as many
+# classes as training rows: such a column holds texts or ids, not classes.
+MAX_CLASSES_WITHOUT_CHECK = 20
+
+
+def _tidy_labels(labels: pd.Series, split: str) -> tuple[pd.Series, pd.Series]:
+    """String labels stripped of surrounding whitespace, and a mask of the labels that are
+    words for a missing value (MISSING_LABEL_WORDS). When those words alone made pandas read
+    an integer column as text, the other labels become integers again, as for blank cells."""
+    if not any(isinstance(v, str) for v in labels):
+        return labels, pd.Series(False, index=labels.index)
+    changed = sum(isinstance(v, str) and v != v.strip() for v in labels)
+    if changed:
+        log.info("stripped surrounding whitespace from %d %s labels", changed, split)
+    tidy = labels.map(lambda v: v.strip() if isinstance(v, str) else v).astype(object)
+    said_missing = tidy.isin(MISSING_LABEL_WORDS)
+    rest = tidy[~said_missing].dropna()
+    if said_missing.any() and len(rest) and all(isinstance(v, str) and _INT_LITERAL.fullmatch(v) for v in rest):
+        tidy = tidy.map(lambda v: int(v) if isinstance(v, str) and _INT_LITERAL.fullmatch(v) else v)
+    return tidy, said_missing
+
+
 def _clean(df: pd.DataFrame, text: str, pair: str | None, label: str, split: str) -> pd.DataFrame:
-    """Columns renamed to text/pair/label; rows without a text or label dropped, with a count."""
+    """Columns renamed to text/pair/label; string labels stripped; rows without a text or
+    label (missing, or a word for missing such as 'NaN') dropped, with a count."""
     columns = {text: "text", label: "label"} | ({pair: "pair"} if pair else {})
     out = df[list(columns)].rename(columns=columns)
     empty = pd.Series(False, index=out.index)
@@ -386,25 +527,21 @@ def _clean(df: pd.DataFrame, text: str, pair: str | None, label: str, split: str
             log.warning("dropped %d %s rows with empty or missing %s", int((blank & ~empty).sum()), split,
                         "text" if name == "text" else f"second text ({col!r})")
         empty |= blank
+    out["label"], said_missing = _tidy_labels(out["label"], split)
     missing_label = out["label"].isna()
     if (missing_label & ~empty).any():
         log.warning("dropped %d %s rows with a missing label", int((missing_label & ~empty).sum()), split)
-    out = out[~empty & ~missing_label]
+    for word, n in out["label"][said_missing & ~empty].value_counts().items():
+        log.warning("dropped %d %s rows whose label is %r, taken as a missing label", n, split, word)
+    out = out[~empty & ~missing_label & ~said_missing]
     if out.empty:
         raise PeftlabError(f"the {split} split has no rows with both a text and a label: check the columns")
     return out.reset_index(drop=True)
 
 
-def _label_names(train: pd.Series, known_names: Sequence[str] | None) -> tuple[list[str], dict]:
-    """Label names and the map from raw label values to ids.
-
-    String labels are sorted; integer labels (also as floats such as 1.0, which pandas makes
-    of an int column with gaps) keep their order and take `known_names` when they fit.
-    """
-    values = train.unique().tolist()
-    if all(isinstance(v, str) for v in values):
-        names = sorted(values)
-        return names, {n: i for i, n in enumerate(names)}
+def _int_labels(values: list) -> list[int]:
+    """The distinct integer labels, sorted (floats such as 1.0 count: pandas makes them of an
+    int column with gaps). Raises PeftlabError for labels that are not all integers."""
     try:
         ints = sorted({int(v) for v in values if float(v) == int(v)})
         if len(ints) != len(values):
@@ -413,11 +550,95 @@ def _label_names(train: pd.Series, known_names: Sequence[str] | None) -> tuple[l
         raise PeftlabError(
             f"labels must all be integers or all be strings; got {values[:5]}: clean the label column"
         ) from None
+    return ints
+
+
+def _label_names(train: pd.Series, known_names: Sequence[str] | None) -> tuple[list[str], dict]:
+    """Label names and the map from raw label values to ids.
+
+    String labels are sorted; integer labels keep their order and take `known_names` when
+    they fit.
+    """
+    values = train.unique().tolist()
+    if all(isinstance(v, str) for v in values):
+        names = sorted(values)
+        return names, {n: i for i, n in enumerate(names)}
+    ints = _int_labels(values)
     if known_names and max(ints) < len(known_names) and min(ints) >= 0:
         return list(known_names), {i: i for i in range(len(known_names))}
     if ints == list(range(len(ints))):
         return [str(i) for i in ints], {i: i for i in ints}
     return [str(i) for i in ints], {v: i for i, v in enumerate(ints)}
+
+
+def _adapter_label_map(train: pd.Series, names: list[str], known_names: Sequence[str] | None) -> dict:
+    """The map from raw label values to the ids of an adapter's label `names`.
+
+    String labels match the names. Integer labels match integer names ("0", "1"), or else
+    the names the preset or the dataset's ClassLabel feature gives them. Raises PeftlabError
+    rather than pair integers with names by position, which would score the wrong classes.
+    """
+    values = train.unique().tolist()
+    if all(isinstance(v, str) for v in values):
+        return {n: i for i, n in enumerate(names)}
+    ints = _int_labels(values)
+    if all(_INT_LITERAL.fullmatch(n) for n in names):
+        return {int(n): i for i, n in enumerate(names)}
+    if known_names and all(0 <= v < len(known_names) and known_names[v] in names for v in ints):
+        return {v: names.index(n) for v, n in enumerate(known_names) if n in names}
+    raise PeftlabError(
+        f"the data's labels are integers {ints[:10]} but the adapter's labels are names {names}: "
+        f"relabel the data with those names"
+    )
+
+
+def _merge_case_variants(frames: list[pd.DataFrame], preferred: Sequence[str] | None) -> None:
+    """Take string labels that differ only in case ('ham', 'Ham') as one class, spelled as
+    `preferred` (an adapter's names) spells it, else as most rows do; in place, in every frame."""
+    labels = pd.concat([df["label"] for df in frames])
+    counts = labels[labels.map(lambda v: isinstance(v, str))].value_counts()
+    groups: dict[str, list[str]] = {}
+    for spelling in counts.index:  # most frequent first
+        groups.setdefault(spelling.casefold(), []).append(spelling)
+    spelled = {n.casefold(): n for n in preferred or () if isinstance(n, str)}
+    renames = {}
+    for fold, spellings in groups.items():
+        target = spelled.get(fold, spellings[0])
+        if spellings == [target]:
+            continue
+        renames |= {s: target for s in spellings if s != target}
+        log.warning("labels that differ only in case taken as one class %r: %s", target,
+                    ", ".join(f"{s!r} ({counts[s]} rows)" for s in spellings))
+    if renames:
+        for df in frames:
+            df["label"] = df["label"].map(lambda v: renames.get(v, v) if isinstance(v, str) else v)
+
+
+def _normalise_labels(train_df: pd.DataFrame, test_df: pd.DataFrame | None, column: str,
+                      label_names: Sequence[str] | None, known_names: Sequence[str] | None) -> tuple[list[str], dict]:
+    """Label names and the map from raw label values to ids, after merging case variants
+    (in place, in train and test alike).
+
+    With `label_names` (an adapter's), those are the names. Otherwise they come from the
+    training labels, which must look like classes: at least two, and not nearly one per row.
+    Raises PeftlabError.
+    """
+    _merge_case_variants([df for df in (train_df, test_df) if df is not None], label_names)
+    if label_names is not None:
+        return list(label_names), _adapter_label_map(train_df["label"], list(label_names), known_names)
+    classes, rows = train_df["label"].nunique(), len(train_df)
+    if classes > MAX_CLASSES_WITHOUT_CHECK and classes > rows / 2:
+        raise PeftlabError(
+            f"label column {column!r} has {classes} classes in {rows} training rows, nearly one per row: "
+            f"it may hold the texts; set --text-column/--label-column"
+        )
+    names, mapping = _label_names(train_df["label"], known_names)
+    if len(names) < 2:
+        raise PeftlabError(
+            f"the training data has a single class ({names[0]!r}): a classifier needs at "
+            f"least two; check the label column"
+        )
+    return names, mapping
 
 
 def _text_keys(df: pd.DataFrame) -> pd.Series:
@@ -478,6 +699,90 @@ def stratified_subset(labels: Sequence[int], n: int, seed: int) -> np.ndarray:
     return keep
 
 
+def _to_ids(labels: pd.Series, mapping: dict, names: list[str], split: str) -> list[int]:
+    unknown = sorted({str(v) for v in labels.unique() if v not in mapping})
+    if unknown:
+        raise PeftlabError(
+            f"the {split} split has labels the training data never had: {unknown[:5]} "
+            f"(known: {names}); fix the labels or the label column"
+        )
+    return [int(mapping[v]) for v in labels]
+
+
+def _split_and_subset(train_df: pd.DataFrame, test_df: pd.DataFrame | None, cfg: DataConfig, train_name: str,
+                      test_name: str | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, str]:
+    """(train, test, validation or None, how the test set was made): a test set carved from
+    train when there is none, the configured subsets, then validation carved from train."""
+    if test_df is None:
+        tr, te = stratified_split(train_df["label"].tolist(), cfg.test_size, cfg.split_seed)
+        train_df, test_df = train_df.iloc[tr], train_df.iloc[te]
+        split_desc = f"stratified {1 - cfg.test_size:.0%}/{cfg.test_size:.0%} split of {train_name}, seed {cfg.split_seed}"
+    else:
+        split_desc = f"{train_name} / {test_name} splits as given"
+
+    def subset(df: pd.DataFrame, n: int) -> pd.DataFrame:
+        return df.iloc[stratified_subset(df["label"].tolist(), n, cfg.split_seed)]
+
+    if cfg.train_fraction < 1.0:
+        train_df = subset(train_df, max(1, round(len(train_df) * cfg.train_fraction)))
+    if cfg.max_train_samples:
+        train_df = subset(train_df, cfg.max_train_samples)
+    if cfg.max_eval_samples:
+        test_df = subset(test_df, cfg.max_eval_samples)
+    val_df = None
+    if cfg.validation_size:
+        tr, va = stratified_split(train_df["label"].tolist(), cfg.validation_size, cfg.split_seed)
+        train_df, val_df = train_df.iloc[tr], train_df.iloc[va]
+    return train_df, test_df, val_df, split_desc
+
+
+def _leakage(train_df: pd.DataFrame, test_df: pd.DataFrame) -> tuple[int, int]:
+    """Exact repeats (after strip) within train, and test examples also in train; the
+    second is logged as a warning. Python sets: pandas' isin on long texts is several
+    times slower."""
+    train_keys = _text_keys(train_df).tolist()
+    train_set = set(train_keys)
+    overlap = sum(key in train_set for key in _text_keys(test_df).tolist())
+    if overlap:
+        log.warning("%d test examples also appear in train (exact text match): test scores may be "
+                    "optimistic; dedup=true removes them", overlap)
+    return len(train_keys) - len(train_set), overlap
+
+
+def _classes_missing_from_test(names: list[str], test_labels: list[int]) -> list[str]:
+    """The classes without a test example, logged as a warning: their recall and F1 are
+    undefined, so macro-F1 is taken over the other classes."""
+    present = set(test_labels)
+    missing = [n for i, n in enumerate(names) if i not in present]
+    if missing:
+        log.warning("%d of %d classes have no test examples: %s; their scores are undefined and "
+                    "macro-F1 leaves them out", len(missing), len(names), missing)
+    return missing
+
+
+def _clean_test(df: pd.DataFrame, columns: tuple[str, str | None, str], split: str, dataset: str) -> pd.DataFrame:
+    """The test split cleaned as `_clean` does; the columns are those chosen in train."""
+    for col in columns:
+        if col is not None and col not in df.columns:
+            raise PeftlabError(f"column {col!r} missing from the {split} split of {dataset}")
+    return _clean(df, *columns, split)
+
+
+def _bundle(train_df: pd.DataFrame, test_df: pd.DataFrame, val_df: pd.DataFrame | None, names: list[str],
+            where: str) -> DataBundle:
+    """The frames' texts, second texts (when they have a `pair` column) and label ids as lists."""
+    def column(df: pd.DataFrame | None, name: str) -> list | None:
+        return df[name].tolist() if df is not None and name in df.columns else None
+
+    bundle = DataBundle(column(train_df, "text"), column(train_df, "label"), column(test_df, "text"),
+                        column(test_df, "label"), names, where, train_pairs=column(train_df, "pair"),
+                        test_pairs=column(test_df, "pair"))
+    if val_df is not None:
+        bundle.val_texts, bundle.val_labels = column(val_df, "text"), column(val_df, "label")
+        bundle.val_pairs = column(val_df, "pair")
+    return bundle
+
+
 def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[str] | None = None, *,
               source=None) -> DataBundle:
     """Load, clean, label-map, deduplicate (if asked) and split the data. Raises PeftlabError.
@@ -502,93 +807,29 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
         (s for s in ("test", "validation", "valid", "dev") if s in splits and s != train_name), None)
 
     train_df = _clean(splits[train_name], text, pair, label, train_name)
-    if test_name is not None:
-        for col in (text, pair, label):
-            if col is not None and col not in splits[test_name].columns:
-                raise PeftlabError(f"column {col!r} missing from the {test_name} split of {cfg.dataset}")
-        test_df = _clean(splits[test_name], text, pair, label, test_name)
-    else:
-        test_df = None
+    test_df = _clean_test(splits[test_name], (text, pair, label), test_name, cfg.dataset) if test_name else None
 
-    if label_names is not None:
-        names = list(label_names)
-        if all(isinstance(v, str) for v in train_df["label"].unique()):
-            mapping = {n: i for i, n in enumerate(names)}
-        else:
-            mapping = {i: i for i in range(len(names))}
-    else:
-        known = preset.label_names if preset else getattr(features.get(label), "names", None)
-        names, mapping = _label_names(train_df["label"], known)
-        if len(names) < 2:
-            raise PeftlabError(
-                f"the training data has a single class ({names[0]!r}): a classifier needs at "
-                f"least two; check the label column"
-            )
-
-    def to_ids(series: pd.Series, split: str) -> list[int]:
-        unknown = sorted({str(v) for v in series.unique() if v not in mapping})
-        if unknown:
-            raise PeftlabError(
-                f"the {split} split has labels the training data never had: {unknown[:5]} "
-                f"(known: {names}); fix the labels or the label column"
-            )
-        return [int(mapping[v]) for v in series]
-
-    train_df["label"] = to_ids(train_df["label"], train_name)
+    known = preset.label_names if preset else getattr(features.get(label), "names", None)
+    names, mapping = _normalise_labels(train_df, test_df, label, label_names, known)
+    train_df["label"] = _to_ids(train_df["label"], mapping, names, train_name)
     if test_df is not None:
-        test_df["label"] = to_ids(test_df["label"], test_name)
+        test_df["label"] = _to_ids(test_df["label"], mapping, names, test_name)
 
     # Duplicates go before splitting, so a carved test set cannot share texts with train.
     removed = conflicts = None
     if cfg.dedup:
         train_df, test_df, removed, conflicts = _dedup(train_df, test_df)
+    train_df, test_df, val_df, split_desc = _split_and_subset(train_df, test_df, cfg, train_name, test_name)
+    duplicates_in_train, overlap = _leakage(train_df, test_df)
 
-    if test_df is None:
-        tr, te = stratified_split(train_df["label"].tolist(), cfg.test_size, cfg.split_seed)
-        train_df, test_df = train_df.iloc[tr], train_df.iloc[te]
-        split_desc = f"stratified {1 - cfg.test_size:.0%}/{cfg.test_size:.0%} split of {train_name}, seed {cfg.split_seed}"
-    else:
-        split_desc = f"{train_name} / {test_name} splits as given"
-
-    def subset(df: pd.DataFrame, n: int) -> pd.DataFrame:
-        return df.iloc[stratified_subset(df["label"].tolist(), n, cfg.split_seed)]
-
-    if cfg.train_fraction < 1.0:
-        train_df = subset(train_df, max(1, round(len(train_df) * cfg.train_fraction)))
-    if cfg.max_train_samples:
-        train_df = subset(train_df, cfg.max_train_samples)
-    if cfg.max_eval_samples:
-        test_df = subset(test_df, cfg.max_eval_samples)
-
-    val_df = None
-    if cfg.validation_size:
-        tr, va = stratified_split(train_df["label"].tolist(), cfg.validation_size, cfg.split_seed)
-        train_df, val_df = train_df.iloc[tr], train_df.iloc[va]
-
-    # Leakage in the data as used: exact repeats (after strip) within train and across splits.
-    # Python sets: pandas' isin on long texts is several times slower.
-    train_keys = _text_keys(train_df).tolist()
-    train_set = set(train_keys)
-    duplicates_in_train = len(train_keys) - len(train_set)
-    overlap = sum(key in train_set for key in _text_keys(test_df).tolist())
-    if overlap:
-        log.warning("%d test examples also appear in train (exact text match): test scores may be "
-                    "optimistic; dedup=true removes them", overlap)
-
-    train_labels, test_labels = train_df["label"].tolist(), test_df["label"].tolist()
-    bundle = DataBundle(
-        train_df["text"].tolist(), train_labels, test_df["text"].tolist(), test_labels, names, where,
-        train_pairs=train_df["pair"].tolist() if pair else None,
-        test_pairs=test_df["pair"].tolist() if pair else None,
-    )
-    if val_df is not None:
-        bundle.val_texts, bundle.val_labels = val_df["text"].tolist(), val_df["label"].tolist()
-        bundle.val_pairs = val_df["pair"].tolist() if pair else None
+    bundle = _bundle(train_df, test_df, val_df, names, where)
+    train_labels, test_labels = bundle.train_labels, bundle.test_labels
     rows = sum(len(df) for df in splits.values())
     bundle.facts = {
         "dataset": cfg.dataset,
         "source": where,
         "rows_read": rows,
+        "rows_merged_or_dropped": sum(df.attrs.get(ROWS_MERGED_ATTR, 0) for df in splits.values()),
         "split": split_desc,
         "text_column": text,
         "text_pair_column": pair,
@@ -598,6 +839,7 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
         "validation_size": len(bundle.val_labels),
         "train_label_counts": {n: train_labels.count(i) for i, n in enumerate(names)},
         "test_label_counts": {n: test_labels.count(i) for i, n in enumerate(names)},
+        "classes_missing_from_test": _classes_missing_from_test(names, test_labels),
         "duplicates_in_train": duplicates_in_train,
         "train_test_overlap": overlap,
         "duplicates_removed": removed,

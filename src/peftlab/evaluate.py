@@ -72,7 +72,12 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def compute_metrics(logits: np.ndarray, labels, label_names: list[str]) -> dict:
-    """Loss, accuracy, macro-F1 and per-class precision/recall/F1/support from logits."""
+    """Loss, accuracy, macro-F1 and per-class precision/recall/F1/support from logits.
+
+    Macro-F1 averages over the classes present in `labels` (`macro_f1_over` says how many):
+    a class without examples has no recall, and counting its F1 as 0 would drag the mean
+    down for a gap in the data, not an error of the model. `per_class` keeps every class.
+    """
     labels = np.asarray(labels, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float64)
     # Cross-entropy in float64 from log-softmax, averaged over examples.
@@ -81,7 +86,6 @@ def compute_metrics(logits: np.ndarray, labels, label_names: list[str]) -> dict:
     loss = float(-log_probs[np.arange(len(labels)), labels].mean())
     preds = logits.argmax(axis=1)
     per_class = {}
-    f1s = []
     for c, name in enumerate(label_names):
         tp = int(((preds == c) & (labels == c)).sum())
         fp = int(((preds == c) & (labels != c)).sum())
@@ -91,13 +95,14 @@ def compute_metrics(logits: np.ndarray, labels, label_names: list[str]) -> dict:
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1,
                            "support": int((labels == c).sum())}
-        f1s.append(f1)
+    present = [stats["f1"] for stats in per_class.values() if stats["support"]]
     confusion = np.zeros((len(label_names), len(label_names)), dtype=np.int64)
     np.add.at(confusion, (labels, preds), 1)
     return {
         "loss": loss,
         "accuracy": float((preds == labels).mean()),
-        "macro_f1": float(np.mean(f1s)),
+        "macro_f1": float(np.mean(present)) if present else float("nan"),
+        "macro_f1_over": f"classes present in the evaluated labels ({len(present)} of {len(label_names)})",
         "per_class": per_class,
         "confusion_matrix": confusion.tolist(),
         "n": len(labels),
