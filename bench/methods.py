@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import tempfile
 
 import torch
@@ -25,6 +23,7 @@ import torch
 from peftlab.config import METHODS, load_config
 from peftlab.errors import PeftlabError
 from peftlab.experiment import run_experiment
+from peftlab.train import cpu_description
 
 
 def main() -> None:
@@ -48,7 +47,7 @@ def main() -> None:
                   f"test subset: {args.max_eval_samples or 'all'}), {args.epochs:g} epoch(s), batch "
                   f"{args.batch_size}, lr {args.lr or 'per-method default'}, seed 42, "
                   + (f"overrides {' '.join(args.set)}, " if args.set else "")
-                  + f"{platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}, "
+                  + f"CPU {cpu_description()}, torch {torch.__version__}, "
                   f"threads {torch.get_num_threads()}"
                   + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     print(conditions, flush=True)

@@ -64,6 +64,24 @@ def test_predict_from_args_stdin_and_file(finished_run, tmp_path):
     assert [line.split("\t")[0] for line in from_file.stdout.splitlines()] == ["pos", "neg"]
 
 
+def test_predict_keeps_one_output_line_per_input_line_in_order(finished_run, tmp_path):
+    """Blank lines keep their place (one output per input line), and a file longer than one
+    chunk streams out in input order."""
+    cwd, run_dir, _ = finished_run
+    piped = peftlab("predict", run_dir, "--json", cwd=cwd, stdin="w1 good w2\n\n   \nw4 awful w5\n")
+    rows = [json.loads(line) for line in piped.stdout.splitlines()]
+    assert [r["label"] for r in rows] == ["pos", None, None, "neg"], piped.stderr
+    assert rows[1]["error"] == "empty line"
+    texts = [t for t, _ in zip(*make_texts(1100, seed=9))]
+    (tmp_path / "many.txt").write_text("\n".join(texts) + "\n")
+    out = peftlab("predict", run_dir, "--file", tmp_path / "many.txt", cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1100
+    assert [line.split("\t")[2] for line in lines[::97]] == [t[:57] + "..." if len(t) > 60 else t
+                                                             for t in texts[::97]]
+
+
 def test_evaluate_adapter_matches_run_report(finished_run, sentiment_dir):
     cwd, run_dir, _ = finished_run
     out = peftlab("evaluate", "--adapter", run_dir / "adapter", "--dataset", sentiment_dir, "--precision",

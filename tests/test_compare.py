@@ -59,3 +59,12 @@ def test_compare_cli_rejects_unfinished_folder(tmp_path):
     out = peftlab("compare", tmp_path, cwd=tmp_path)
     assert out.returncode != 0
     assert out.stderr.strip() == f"peftlab: error: {tmp_path} has no report.json: give finished run folders (e.g. runs/<name>)"
+
+
+def test_compare_skips_unfinished_folders_among_several(tmp_path):
+    a = write_run(tmp_path, fake_report("a", 0.8))
+    (tmp_path / "killed").mkdir()
+    out = peftlab("compare", a, tmp_path / "killed", "--output", tmp_path / "board", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "skipped " in out.stderr and "killed has no report.json" in out.stderr
+    assert "| a " in (tmp_path / "board.md").read_text()

@@ -113,3 +113,26 @@ def test_diverging_loss_stops_with_a_clear_message(tiny_cfg):
     run_dir = Path(cfg.output_dir) / cfg.name
     assert (run_dir / "FAILED.txt").read_text().startswith("PeftlabError: training loss became nan")
     assert not (run_dir / "report.json").exists() and (run_dir / "checkpoints" / "last").is_dir()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_encoder, big_data, tmp_path):
+    """SIGINT mid-training: the step finishes, a checkpoint is written, the run exits 130
+    with the resume command; resuming finishes the run."""
+    proc = _cli("run", f"model={tiny_encoder}", f"dataset={big_data}", "precision=fp32", "epochs=1",
+                "save_every=0", "log_every=1", "--name", "stopped", cwd=tmp_path)
+    metrics = tmp_path / "runs" / "stopped" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not (metrics.is_file() and metrics.read_text()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    run_dir = tmp_path / "runs" / "stopped"
+    assert err.strip().splitlines()[-1] == \
+        "peftlab: error: interrupted; a checkpoint is saved: continue with `peftlab run --resume runs/stopped`"
+    step = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())["step"]
+    assert 0 < step < 150  # mid-run: 2,400 texts are 150 steps
+    resumed = _cli("run", "--resume", run_dir, cwd=tmp_path)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert json.loads((run_dir / "report.json").read_text())["train"]["steps"] == 150

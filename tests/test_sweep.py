@@ -23,8 +23,9 @@ def test_grid_is_split_off_the_config_and_expanded_in_order(tmp_path):
     assert base.train.epochs == 2 and base.train.batch_size == 8
     combos = combinations(grid)
     assert len(combos) == 8
-    assert run_name("s", combos[0]) == "s/method.name=lora,train.lr=0.001,train.seed=1"
-    assert run_name("s", combos[-1]) == "s/method.name=head,train.lr=0.005,train.seed=2"
+    assert run_name(combos[0]) == "method.name=lora,train.lr=0.001,train.seed=1"
+    assert run_name(combos[-1]) == "method.name=head,train.lr=0.005,train.seed=2"
+    assert run_name({"method.target_modules": ["query", "value"]}) == "method.target_modules=__query_,__value__"
 
 
 def test_sweep_without_grid_or_with_bad_values_is_a_clear_error(tmp_path):
@@ -69,7 +70,7 @@ def test_killed_sweep_restarts_with_the_remaining_runs(tiny_encoder, sentiment_d
     assert {d: (d / "report.json").stat().st_mtime_ns for d in (first, second)} == mtimes
     assert all((d / "report.json").is_file() for d in sweep_dir.iterdir() if d.is_dir())
     assert len([d for d in sweep_dir.iterdir() if d.is_dir()]) == 4
-    assert out.stdout.startswith("run ") and "grid/method.name=head,train.lr=0.005" in out.stdout
+    assert out.stdout.startswith("run ") and "method.name=head,train.lr=0.005" in out.stdout
     assert (sweep_dir / "leaderboard.md").is_file() and (sweep_dir / "leaderboard.html").is_file()
 
 

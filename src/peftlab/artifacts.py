@@ -94,36 +94,49 @@ def save_adapter(model, adapter_dir: Path, meta: dict, tokenizer=None) -> Path:
 
     `meta` must hold at least `method` (a dict with `name`), `base_model`, `label_names`.
     """
+    from safetensors import SafetensorError
+
     adapter_dir = Path(adapter_dir)
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=f".{adapter_dir.name}.tmp-"))
+    method = meta["method"]["name"]
     try:
-        method = meta["method"]["name"]
-        if method in PEFT_METHODS:
-            model.save_pretrained(tmp)
-        elif method == "full":
-            model.save_pretrained(tmp, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        elif method in ("head", "bitfit"):
-            # Only what trained: the head (and, for bitfit, the biases) over the frozen base.
-            from safetensors.torch import save_file
-
-            heads = meta["head_modules"]
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                     if k.split(".")[0] in heads or (method == "bitfit" and k.endswith(".bias"))}
-            save_file(state, tmp / HEAD_FILE)
-        else:
-            raise PeftlabError(f"cannot save method {method!r}")
-        weights = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
-        meta = {**meta, "format_version": FORMAT_VERSION, "versions": package_versions(),
-                "weights_sha256": {name: sha256_file(tmp / name) for name in weights}}
-        write_json_atomic(tmp / META_FILE, meta)
+        _write_adapter(model, tmp, meta, tokenizer)
         replace_dir(tmp, adapter_dir)
+    except (OSError, SafetensorError) as exc:
+        # A full disk surfaces as safetensors' IoError text: name the cause, not the library.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0][:120]
+        raise PeftlabError(f"could not write the adapter to {adapter_dir} ({reason}): free disk space (or fix "
+                           f"permissions) and run again; an earlier adapter there is unchanged") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved %s adapter to %s (%.2f MB)", method, adapter_dir, dir_size(adapter_dir) / 1e6)
     return adapter_dir
+
+
+def _write_adapter(model, tmp: Path, meta: dict, tokenizer) -> None:
+    """The adapter's files, written into the fresh folder `tmp` (see save_adapter)."""
+    method = meta["method"]["name"]
+    if method in PEFT_METHODS:
+        model.save_pretrained(tmp)
+    elif method == "full":
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    elif method in ("head", "bitfit"):
+        # Only what trained: the head (and, for bitfit, the biases) over the frozen base.
+        from safetensors.torch import save_file
+
+        heads = meta["head_modules"]
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                 if k.split(".")[0] in heads or (method == "bitfit" and k.endswith(".bias"))}
+        save_file(state, tmp / HEAD_FILE)
+    else:
+        raise PeftlabError(f"cannot save method {method!r}")
+    weights = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
+    meta = {**meta, "format_version": FORMAT_VERSION, "versions": package_versions(),
+            "weights_sha256": {name: sha256_file(tmp / name) for name in weights}}
+    write_json_atomic(tmp / META_FILE, meta)
 
 
 def read_meta(adapter_dir: Path) -> dict:
@@ -134,6 +147,8 @@ def read_meta(adapter_dir: Path) -> dict:
     if (adapter_dir / "adapter" / META_FILE).is_file():  # a run directory was given
         adapter_dir = adapter_dir / "adapter"
     meta_path = adapter_dir / META_FILE
+    if not meta_path.is_file() and (adapter_dir / "config.yaml").is_file():
+        raise _unfinished_run(adapter_dir)
     if not meta_path.is_file():
         raise PeftlabError(
             f"{adapter_dir} is not a peftlab adapter folder (no {META_FILE}): give the adapter "
@@ -149,7 +164,10 @@ def read_meta(adapter_dir: Path) -> dict:
     if missing:
         raise PeftlabError(f"{meta_path} lacks {missing}: it was not written by peftlab")
     meta["_dir"] = str(adapter_dir)
-    for name, digest in meta.get("weights_sha256", {}).items():
+    if not isinstance(meta.get("weights_sha256"), dict) or not meta["weights_sha256"]:
+        log.warning("%s records no weight checksums (weights_sha256): the adapter's weights are not verified",
+                    meta_path)
+    for name, digest in (meta.get("weights_sha256") or {}).items():
         path = adapter_dir / name
         if not path.is_file():
             raise PeftlabError(f"adapter weights {path} are missing: the adapter folder is incomplete")
@@ -159,6 +177,33 @@ def read_meta(adapter_dir: Path) -> dict:
                 f"the file is corrupted; retrain or restore it"
             )
     return meta
+
+
+def _unfinished_run(run_dir: Path) -> PeftlabError:
+    """The error for a run folder that holds no adapter yet: what happened and what to do."""
+    failed = run_dir / "FAILED.txt"
+    if failed.is_file():
+        why = failed.read_text(errors="replace").strip().splitlines()[0][:160]
+        return PeftlabError(f"run {run_dir} failed ({why}), so it has no adapter: fix that and run it again")
+    if (run_dir / "checkpoints" / "last").is_dir():
+        return PeftlabError(f"run {run_dir} is unfinished (no adapter yet): continue it with "
+                            f"`peftlab run --resume {run_dir}`")
+    return PeftlabError(f"run {run_dir} has no adapter yet: it is still running, or was stopped before its first "
+                        f"checkpoint (then run it again)")
+
+
+def _check_adapter_config(adapter_dir: Path) -> None:
+    """peft reads adapter_config.json first; a broken one would surface as a base-model mismatch."""
+    path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PeftlabError(f"adapter {adapter_dir} has no adapter_config.json: the adapter folder is incomplete; "
+                           f"retrain or restore it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise PeftlabError(f"{path} is corrupted (not valid JSON): retrain or restore the adapter") from None
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise PeftlabError(f"{path} is not a peft adapter config (no peft_type): retrain or restore the adapter")
 
 
 def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = "fp32",
@@ -195,22 +240,21 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
             ModelConfig(name=base, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                         quantization=meta.get("quantization", "none")),
             len(labels), labels)
-        expected = meta.get("base_model_fingerprint")
-        if expected and base_fingerprint(model) != expected:
-            raise PeftlabError(
-                f"adapter {adapter_dir} was trained on base model {meta['base_model']!r} (fingerprint "
-                f"{expected}), but {base!r} has fingerprint {base_fingerprint(model)}: load it on its own base "
-                f"model (--model {meta['base_model']})"
-            )
+        _check_base(meta, base, base_fingerprint(model))
         if method in PEFT_METHODS:
             from peft import PeftModel
+            from safetensors import SafetensorError
 
             from peftlab.methods import accept_past_key_values, fix_prompt_pooling
 
+            _check_adapter_config(adapter_dir)
             if method == "prefix_tuning":
                 accept_past_key_values(model)
             try:
                 model = PeftModel.from_pretrained(model, str(adapter_dir))
+            except (SafetensorError, OSError) as exc:
+                raise PeftlabError(f"adapter weights in {adapter_dir} are unreadable ({str(exc)[:100]}): the file is "
+                                   f"truncated or corrupted; retrain or restore it") from None
             except (RuntimeError, ValueError, KeyError) as exc:
                 first = str(exc).strip().splitlines()[0][:200]
                 raise PeftlabError(
@@ -219,9 +263,14 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
                 ) from None
             fix_prompt_pooling(model)
         elif method in ("head", "bitfit"):
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            state = load_file(adapter_dir / HEAD_FILE)
+            try:
+                state = load_file(adapter_dir / HEAD_FILE)
+            except (SafetensorError, OSError) as exc:
+                raise PeftlabError(f"adapter weights {adapter_dir / HEAD_FILE} are unreadable ({str(exc)[:100]}): "
+                                   f"the file is truncated or corrupted; retrain or restore it") from None
             result = model.load_state_dict(state, strict=False)
             if result.unexpected_keys:
                 raise PeftlabError(f"head weights in {adapter_dir} do not fit {base!r}")
@@ -229,6 +278,23 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
             raise PeftlabError(f"{adapter_dir}: unknown method {method!r} in {META_FILE}")
     model.eval()
     return model, tokenizer, meta
+
+
+def _check_base(meta: dict, base: str, fingerprint: str) -> None:
+    """Refuse a base model whose architecture differs from the adapter's (pitfall 8: head and
+    adapter shapes), saying which of the two changed."""
+    expected = meta.get("base_model_fingerprint")
+    if not expected or fingerprint == expected:
+        return
+    if base == meta["base_model"]:
+        raise PeftlabError(
+            f"base model {base!r} is not the one adapter {meta['_dir']} was trained on: its architecture "
+            f"fingerprint is {fingerprint}, the adapter's {expected}; restore that base model or retrain"
+        )
+    raise PeftlabError(
+        f"adapter {meta['_dir']} was trained on base model {meta['base_model']!r} (fingerprint {expected}), "
+        f"but {base!r} has fingerprint {fingerprint}: load it on its own base model (--model {meta['base_model']})"
+    )
 
 
 def export_merged(adapter_dir: Path, out_dir: Path, *, overwrite: bool = False, allow_pickle: bool = False) -> Path:
@@ -252,10 +318,8 @@ def export_merged(adapter_dir: Path, out_dir: Path, *, overwrite: bool = False, 
             f"this adapter was trained on a {meta['quantization']} quantized base, and merging into quantized "
             f"weights would round the update away: merge it on a GPU machine into a bf16 base with peft"
         )
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise PeftlabError(f"export folder {out_dir} already exists and is not empty: pass --overwrite or "
-                           f"choose another folder")
+    out_dir = Path(os.path.abspath(out_dir))  # "." has no name to build temporary names from
+    _check_export_dir(out_dir, overwrite)
     model, tokenizer, meta = load_adapter(Path(meta["_dir"]), allow_pickle=allow_pickle)
     if hasattr(model, "merge_and_unload"):
         # Folds the update into the base weights and swaps the head wrapper for the trained head.
@@ -277,3 +341,23 @@ def export_merged(adapter_dir: Path, out_dir: Path, *, overwrite: bool = False, 
     log.info("exported %s (merged %s adapter) to %s (%.1f MB)", meta["base_model"], method, out_dir,
              dir_size(out_dir) / 1e6)
     return out_dir
+
+
+def _check_export_dir(out_dir: Path, overwrite: bool) -> None:
+    """An export goes to a new or empty folder, or replaces an earlier export with `overwrite`:
+    never a link, nor a folder that holds anything else."""
+    if out_dir.is_symlink():
+        raise PeftlabError(f"export folder {out_dir} is a symbolic link: peftlab neither writes nor deletes "
+                           f"through links; choose another folder")
+    if out_dir == Path.cwd() or out_dir in Path.cwd().parents:
+        raise PeftlabError(f"export folder {out_dir} is the current folder or holds it: choose a new folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PeftlabError(f"export folder {out_dir} is a file: choose another folder")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / "peftlab-export.json").is_file():
+        raise PeftlabError(f"export folder {out_dir} is not empty and holds no earlier export: peftlab replaces only "
+                           f"an earlier export, --overwrite or not; choose a new folder")
+    if not overwrite:
+        raise PeftlabError(f"export folder {out_dir} already holds an export: pass --overwrite to replace it or "
+                           f"choose another folder")

@@ -7,6 +7,7 @@ instant and a bad flag is reported before anything loads.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -205,13 +206,18 @@ def cmd_run(args: argparse.Namespace, train_only: bool = False) -> int:
     from peftlab.config import load_config
 
     if args.resume:
-        run_dir = Path(args.resume)
+        # Absolute without following links ("." names its folder; a link is refused later).
+        run_dir = Path(os.path.abspath(args.resume))
         if args.config or _overrides(args):
             raise PeftlabError("--resume takes no other settings: the run continues with its own config.yaml")
         if not (run_dir / "config.yaml").is_file():
-            raise PeftlabError(f"cannot resume: {run_dir} is not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+            raise PeftlabError(f"cannot resume: {args.resume} is not a run directory (no config.yaml)")
+        from peftlab.config import from_dict, read_yaml
+
+        # The folder's own name and place win over what config.yaml says (it may have moved).
+        cfg = from_dict(read_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
         cfg.name, cfg.output_dir = run_dir.name, str(run_dir.parent)
+        cfg.validate()
     else:
         cfg = load_config(args.config, _overrides(args))
     from peftlab.experiment import run_experiment
@@ -258,40 +264,87 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    texts = list(args.texts)
+def _predict_lines(args: argparse.Namespace):
+    """The texts to classify, lazily: arguments first, then --file or standard input, one
+    per line, blank lines included (each input line gets one output line). Opens the file
+    now, so a wrong path fails before the model loads."""
+    streams = []
     if args.file:
         try:
-            with open(args.file, encoding="utf-8") as fh:
-                texts += [line.rstrip("\n") for line in fh if line.strip()]
+            streams.append(open(args.file, encoding="utf-8"))  # closed once read, in lines()
         except FileNotFoundError:
             raise PeftlabError(f"text file {args.file} does not exist: check the path") from None
-        except UnicodeDecodeError:
-            raise PeftlabError(f"text file {args.file} is not UTF-8: re-save it as UTF-8") from None
-    if not texts and not args.file:
+    elif not args.texts:
         if sys.stdin is None or sys.stdin.isatty():
             raise PeftlabError("no texts to classify: give them as arguments, with --file, or on stdin")
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not texts:
-        raise PeftlabError("no texts to classify: the input was empty")
+        streams.append(sys.stdin)
+
+    def lines():
+        yield from args.texts
+        for stream in streams:
+            try:
+                for line in stream:
+                    yield line.rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise PeftlabError(f"{args.file or 'standard input'} is not UTF-8: re-save it as UTF-8") from None
+            finally:
+                if stream is not sys.stdin:
+                    stream.close()
+
+    return lines()
+
+
+def _predict_chunk(predictor, chunk: list[str], first: int, pairs: bool, from_args: int) -> list[dict | None]:
+    """Results for one chunk of input lines (None for a blank line read from a stream)."""
+    keep = [i for i, t in enumerate(chunk) if t.strip() or first + i < from_args]
+    texts, seconds = [chunk[i] for i in keep], None
+    if pairs:
+        split = [t.split("\t", 1) for t in texts]
+        bad = next((keep[i] for i, parts in enumerate(split) if len(parts) != 2), None)
+        if bad is not None:
+            raise PeftlabError(f"text #{first + bad + 1} has no TAB: with --pairs each text is 'first<TAB>second'")
+        texts, seconds = [a for a, _ in split], [b for _, b in split]
+    results: list[dict | None] = [None] * len(chunk)
+    for i, result in zip(keep, predictor(texts, pairs=seconds) if texts else []):
+        results[i] = result
+    return results
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import itertools
+
+    from tqdm.auto import tqdm
+
     from peftlab.experiment import Predictor
 
-    pairs = None
-    if args.pairs:
-        split = [t.split("\t", 1) for t in texts]
-        bad = [i for i, parts in enumerate(split) if len(parts) != 2]
-        if bad:
-            raise PeftlabError(f"text #{bad[0] + 1} has no TAB: with --pairs each text is 'first<TAB>second'")
-        texts, pairs = [a for a, _ in split], [b for _, b in split]
+    lines = _predict_lines(args)
+    chunk = list(itertools.islice(lines, 512))
+    if not chunk:
+        raise PeftlabError("no texts to classify: the input was empty")
     predictor = Predictor(args.adapter, args.model, allow_pickle=args.allow_pickle)
-    for result in predictor(texts, pairs=pairs):
-        if args.json:
-            print(json.dumps(result, ensure_ascii=False))
-        else:
-            probs = "  ".join(f"{n}={p:.3f}" for n, p in result["probabilities"].items())
-            snippet = result["text"] if len(result["text"]) <= 60 else result["text"][:57] + "..."
-            print(f"{result['label']}\t{probs}\t{snippet}")
+    # Results stream out in input order, a chunk at a time, with progress on stderr: a file of
+    # 100k lines shows its first answers at once, not after the last one.
+    done = 0
+    with tqdm(desc="predict", unit=" texts", disable=None, file=sys.stderr, leave=False) as bar:
+        while chunk:
+            for result in _predict_chunk(predictor, chunk, done, args.pairs, len(args.texts)):
+                print(_predict_line(result, args.json))
+            sys.stdout.flush()
+            done += len(chunk)
+            bar.update(len(chunk))
+            chunk = list(itertools.islice(lines, 512))
     return 0
+
+
+def _predict_line(result: dict | None, as_json: bool) -> str:
+    """One output line: JSON, or label<TAB>probabilities<TAB>text; a blank input line stays blank."""
+    if result is None:
+        return json.dumps({"text": "", "label": None, "error": "empty line"}) if as_json else ""
+    if as_json:
+        return json.dumps(result, ensure_ascii=False)
+    probs = "  ".join(f"{n}={p:.3f}" for n, p in result["probabilities"].items())
+    snippet = result["text"] if len(result["text"]) <= 60 else result["text"][:57] + "..."
+    return f"{result['label']}\t{probs}\t{snippet}"
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -338,20 +391,44 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from peftlab.report import leaderboard_text, load_run_report, write_leaderboard
 
-    reports = [load_run_report(d) for d in args.run_dirs]
+    if len(args.run_dirs) == 1:
+        reports = [load_run_report(args.run_dirs[0])]
+    else:
+        # `compare runs/*` meets unfinished, failed and stray folders: note them, compare the rest.
+        reports = []
+        for run_dir in args.run_dirs:
+            try:
+                reports.append(load_run_report(run_dir))
+            except PeftlabError as exc:
+                log.warning("skipped %s", str(exc).split(":")[0])
+        if not reports:
+            raise PeftlabError(f"none of the {len(args.run_dirs)} folders is a finished run (no report.json): "
+                               f"give folders of finished runs, e.g. runs/<name>")
     print(leaderboard_text(reports))
     md, page = write_leaderboard(reports, args.output)
     print(f"\nwrote {md} and {page}")
     return 0
 
 
+_USER_OS_ERRORS = {
+    errno.ENOSPC: "free disk space and run again (a killed run resumes with --resume)",
+    errno.EDQUOT: "free space within your quota and run again",
+    errno.EROFS: "choose a writable output_dir",
+    errno.EACCES: "choose a folder you may write to, or fix its permissions",
+    errno.ENAMETOOLONG: "choose a shorter name or output_dir",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    # argparse takes `predict` texts only before the first option; texts after an option
-    # (`predict RUN --json "text"`) come back here and are texts too.
+    # argparse takes positionals only before the first option; `predict` texts and `run`
+    # overrides after an option (`predict RUN --json "text"`, `run --overwrite lr=1e-3`) come
+    # back here and belong with the others.
     if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
         args.texts += extra
+    elif extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
@@ -375,6 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     except PeftlabError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in _USER_OS_ERRORS:
+            raise
+        # A full disk, a read-only or forbidden folder, a name too long: the user's to fix.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"peftlab: error: {exc.strerror}{where}: {_USER_OS_ERRORS[exc.errno]}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("peftlab: interrupted", file=sys.stderr)
         return 130

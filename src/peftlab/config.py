@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -219,6 +221,8 @@ class MethodConfig:
             out.append(f"method.prompt_encoder={self.prompt_encoder!r} must be lstm or mlp")
         if not 0.0 <= self.dropout < 1.0:
             out.append(f"method.dropout={self.dropout} must be in [0, 1)")
+        if self.alpha <= 0:
+            out.append(f"method.alpha={self.alpha} must be positive, e.g. 16")
         if self.lora_plus_ratio < 1:
             out.append(f"method.lora_plus_ratio={self.lora_plus_ratio} must be at least 1, e.g. 16")
         if isinstance(self.target_modules, str):
@@ -319,6 +323,12 @@ class TrainConfig:
             out.append("train.save_every and train.eval_every must be 0 or positive")
         if self.max_steps is not None and self.max_steps < 1:
             out.append(f"train.max_steps={self.max_steps} must be at least 1")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            out.append(f"train.warmup_ratio={self.warmup_ratio} must be in [0, 1] (a fraction of the steps), e.g. 0.06")
+        if self.weight_decay < 0:
+            out.append(f"train.weight_decay={self.weight_decay} must be 0 or positive, e.g. 0.01")
+        if self.max_grad_norm < 0:
+            out.append(f"train.max_grad_norm={self.max_grad_norm} must be 0 (off) or positive, e.g. 1.0")
         return out
 
 
@@ -364,8 +374,17 @@ class RunConfig:
         problems = []
         if self.method.name == "qlora" and self.model.quantization == "none":
             self.model.quantization = "4bit"
-        for section in (self.data, self.model, self.method, self.train):
-            problems += section.problems()
+        for name, section in (("data", self.data), ("model", self.model), ("method", self.method),
+                              ("train", self.train)):
+            # NaN passes every range check (each comparison is False), so finiteness comes first.
+            infinite = [f.name for f in fields(section)
+                        if isinstance(getattr(section, f.name), float) and not math.isfinite(getattr(section, f.name))]
+            problems += [f"{name}.{key}={getattr(section, key)} must be a finite number: give a real value"
+                         for key in infinite]
+            if not infinite:
+                problems += section.problems()
+        if self.name is not None:
+            problems += run_name_problems(self.name)
         if self.train.engine == "trainer" and self.data.validation_size:
             problems.append("validation_size (model selection) needs engine=native")
         if self.train.early_stopping_patience and not self.data.validation_size:
@@ -394,13 +413,35 @@ class RunConfig:
     def default_name(self) -> str:
         model = Path(self.model.name.rstrip("/")).name.removesuffix(".gguf")
         dataset = Path(self.data.dataset.rstrip("/")).name.split(".")[0].replace("/", "-")
-        return f"{model}-{dataset}-{self.method.name}"
+        return safe_run_name(f"{model}-{dataset}-{self.method.name}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# A run name is one folder name under output_dir: never a path, never hidden (peftlab's own
+# temporary folders start with a dot), short enough for the temporary names made from it.
+RUN_NAME_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=,+@-]*")
+MAX_RUN_NAME = 200
+
+
+def run_name_problems(name: str) -> list[str]:
+    """Why `name` cannot name a run folder (an empty list when it can)."""
+    if not RUN_NAME_CHARS.fullmatch(name):
+        return [f"name={name!r} is not a plain folder name: use letters, digits and . _ - = , + @ "
+                f"(starting with a letter or digit), e.g. name=my-run; use output_dir=... for the parent folder"]
+    if len(name) > MAX_RUN_NAME:
+        return [f"name is {len(name)} characters long: use at most {MAX_RUN_NAME}"]
+    return []
+
+
+def safe_run_name(text: str) -> str:
+    """`text` made into a valid run name: other characters become '_', cut to the limit."""
+    name = re.sub(r"[^A-Za-z0-9._=,+@-]", "_", text).lstrip("._-=,+@") or "run"
+    return name[:MAX_RUN_NAME]
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "method": MethodConfig, "train": TrainConfig}
@@ -496,6 +537,10 @@ def from_dict(data: dict, source: str = "config") -> RunConfig:
         if key in SECTIONS and isinstance(value, dict):
             for sub, subvalue in value.items():
                 set_value(config, f"{key}.{sub}", subvalue)
+        elif isinstance(value, dict) and key not in field_index():
+            hint = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+            fix = f"did you mean section {hint[0]!r}?" if hint else f"the sections are {', '.join(SECTIONS)}"
+            raise PeftlabError(f"unknown config section {key!r} in {source}: {fix}")
         else:
             set_value(config, key, value)
     return config

@@ -10,3 +10,9 @@ class PeftlabError(Exception):
     """A problem with the user's input; the message names the problem and the fix."""
 
     exit_code = 2
+
+
+class Interrupted(PeftlabError):
+    """The user stopped a run (Ctrl-C); the message says whether and how it can resume."""
+
+    exit_code = 130

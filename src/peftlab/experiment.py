@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftlab import artifacts
+from peftlab import artifacts, rundir
 from peftlab.config import DataConfig, ModelConfig, RunConfig
 from peftlab.data import DataBundle, PadCollator, load_data, tokenize
-from peftlab.errors import PeftlabError
+from peftlab.errors import Interrupted, PeftlabError
 from peftlab.evaluate import compute_metrics, evaluate, predict_logits, softmax
 from peftlab.methods import apply_method, count_parameters
 from peftlab.models import base_fingerprint, head_module_names, load_model, resolve_device, set_model_dropout
@@ -33,43 +33,19 @@ from peftlab.train import (
 log = logging.getLogger("peftlab")
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool = False) -> Path:
-    """Create the run directory. A user-named one that exists needs `overwrite`; a default
-    name gets a numeric suffix instead, so earlier results are never replaced. With
-    `resume`, the named directory must exist, hold a checkpoint and not be finished."""
+def prepare_run_dir(cfg: RunConfig, resume: bool = False) -> rundir.RunDir:
+    """Claim the run directory (rundir.claim). A user-named one that exists needs
+    `overwrite`, and only a run directory is ever replaced; a default name gets a numeric
+    suffix instead, so earlier results are never replaced. With `resume`, the named directory
+    must be an unfinished run's."""
     root = Path(cfg.output_dir)
-    if root.exists() and not root.is_dir():
-        raise PeftlabError(f"output_dir {root} is a file, not a folder: choose another output_dir")
     if resume:
-        run_dir = root / (cfg.name or "")
-        if not cfg.name or not run_dir.is_dir():
-            raise PeftlabError(f"cannot resume: run directory {run_dir} does not exist")
-        if (run_dir / "report.json").is_file():
-            raise PeftlabError(f"cannot resume: {run_dir} already finished (report.json exists)")
-        return run_dir
+        return rundir.reopen(root / (cfg.name or ""))
     if cfg.name:
-        run_dir = root / cfg.name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not cfg.overwrite:
-                raise PeftlabError(
-                    f"run directory {run_dir} already exists: pass --overwrite to replace it or "
-                    f"choose another name=..."
-                )
-            shutil.rmtree(run_dir)
-    else:
-        base = cfg.default_name()
-        run_dir, n = root / base, 1
-        while run_dir.exists() and any(run_dir.iterdir()) and not cfg.overwrite:
-            n += 1
-            run_dir = root / f"{base}-{n}"
-        if run_dir.exists() and cfg.overwrite:
-            shutil.rmtree(run_dir)
-        cfg.name = run_dir.name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PeftlabError(f"cannot create run directory {run_dir} ({exc.strerror}): choose another output_dir") from None
-    return run_dir
+        return rundir.claim(root, cfg.name, cfg.overwrite)
+    if cfg.overwrite:
+        return rundir.claim(root, cfg.default_name(), overwrite=True)
+    return rundir.claim_default(root, cfg.default_name())
 
 
 def _main_decides(fn):
@@ -124,24 +100,49 @@ def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True
     if resume and cfg.train.engine != "native":
         raise PeftlabError("--resume needs engine=native (the Trainer engine keeps no peftlab checkpoints)")
     main = distributed_state().is_main_process  # under torchrun/accelerate launch, only it writes files
+    claimed = []
 
     def prepare():
-        run_dir = prepare_run_dir(cfg, resume)
+        claimed.append(prepare_run_dir(cfg, resume))
+        run_dir = claimed[0].path
         if not resume:
             artifacts.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
-        return str(run_dir), cfg.name
+        return str(run_dir), run_dir.name
 
     run_dir, cfg.name = _main_decides(prepare)
     run_dir = Path(run_dir)
     try:
         report = _run(cfg, run_dir, baseline, reload, bundle, resume, main)
+    except KeyboardInterrupt:
+        saved = (run_dir / "checkpoints" / "last").is_dir()
+        exc = Interrupted(f"interrupted; a checkpoint is saved: continue with `peftlab run --resume {run_dir}`"
+                          if saved else "interrupted before the first checkpoint: start the run again")
+        if main:
+            _record_failure(run_dir, exc, fresh=not resume)
+        raise exc from None
     except BaseException as exc:
         if main:
-            artifacts.write_text_atomic(run_dir / "FAILED.txt", f"{type(exc).__name__}: {exc}\n")
+            _record_failure(run_dir, exc, fresh=not resume)
         raise
+    finally:
+        for claim in claimed:
+            claim.release()
     if main:
         (run_dir / "FAILED.txt").unlink(missing_ok=True)
     return report
+
+
+def _record_failure(run_dir: Path, exc: BaseException, fresh: bool) -> None:
+    """FAILED.txt saying why; but a new run that stopped on bad input before it trained
+    anything leaves no folder, so that its name is free for the corrected run."""
+    if fresh and isinstance(exc, PeftlabError) and not (run_dir / "checkpoints").exists() \
+            and not (run_dir / "adapter").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    try:
+        artifacts.write_text_atomic(run_dir / "FAILED.txt", f"{type(exc).__name__}: {exc}\n")
+    except OSError:  # the disk that failed the run may not take this note either
+        log.warning("could not write %s", run_dir / "FAILED.txt")
 
 
 def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None,
@@ -211,8 +212,12 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         raise PeftlabError(
             f"training diverged (loss {train_summary['final_loss']}): lower the learning rate (lr=...)"
         )
+    _check_finite_weights(model)
     tuned_metrics, tuned_logits = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "fine-tuned")
     _log_metrics("fine-tuned", tuned_metrics)
+    if not np.isfinite(tuned_metrics["loss"]):
+        raise PeftlabError(f"the fine-tuned model's test loss is {tuned_metrics['loss']}: its outputs are not finite; "
+                           f"lower the learning rate (lr=...) and train again")
 
     # 6. save the adapter (trainable weights + head) as one self-describing unit
     adapter_dir = run_dir / "adapter"
@@ -297,13 +302,28 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
     return report
 
 
+def _check_finite_weights(model) -> None:
+    """A run whose trained weights hold NaN or inf must fail, not save them as a result."""
+    bad = total = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            bad += int((~torch.isfinite(p.detach())).sum())
+            total += p.numel()
+    if bad:
+        raise PeftlabError(f"training left {bad:,} of {total:,} trained weights non-finite (NaN or inf): the run "
+                           f"diverged; lower the learning rate (lr=...) and train again")
+
+
 def _resources(wall_seconds: float, device: torch.device) -> dict:
     """Wall time and peak memory of this process (ru_maxrss is in KiB on Linux, bytes on macOS)."""
     import resource
     import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"wall_seconds": wall_seconds, "peak_rss_mb": rss / (1e6 if sys.platform == "darwin" else 1e3)}
+    from peftlab.train import cpu_description
+
+    out = {"wall_seconds": wall_seconds, "peak_rss_mb": rss / (1e6 if sys.platform == "darwin" else 1e3),
+           "cpu": cpu_description()}  # speed figures mean little without the machine
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 1e6
     return out

@@ -100,6 +100,8 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as exc:
         raise _load_error(source, exc) from None
+    except ValueError as exc:
+        raise _remote_code_error(source, exc) from None
     if tokenizer.pad_token is None:
         # EOS as padding is safe for classification: pooling finds the last non-pad token,
         # and we never append EOS to the texts.
@@ -109,6 +111,15 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
         tokenizer.pad_token = candidate
         log.info("tokenizer had no pad token: using %r (id %d)", candidate, tokenizer.pad_token_id)
     return tokenizer
+
+
+def _remote_code_error(source: ModelSource, exc: ValueError) -> Exception:
+    """transformers' refusal to run a model's own code, as peftlab's one line; other
+    ValueErrors unchanged. (Its text names an argument; the user's switch is a flag.)"""
+    if "trust_remote_code" not in str(exc):
+        return exc
+    return PeftlabError(f"model {source.name!r} ships its own Python code, which peftlab runs only when asked: "
+                        f"pass --trust-remote-code if you trust {source.path}, or use another model")
 
 
 def _load_error(source: ModelSource, exc: Exception) -> PeftlabError:
@@ -181,7 +192,7 @@ def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None 
             raise PeftlabError(
                 f"model {source.name!r} has an architecture transformers cannot classify with: {exc}"
             ) from None
-        raise
+        raise _remote_code_error(source, exc) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if source.gguf_file:

@@ -72,6 +72,12 @@ def _data_quality_lines(data: dict) -> list[str]:
     if "truncated_train" in data:
         out.append(f"- truncation: {data['truncated_train']:,} train / {data['truncated_test']:,} test texts "
                    f"longer than {data['max_length']} tokens kept their {data['truncation']}")
+    if data.get("rows_merged_or_dropped"):
+        out.append(f"- **{data['rows_merged_or_dropped']:,} lines of the data file did not become rows of their "
+                   f"own** (an unbalanced quote merged them into other rows): fix the file's quoting")
+    if data.get("classes_missing_from_test"):
+        out.append(f"- **classes with no test example: {', '.join(data['classes_missing_from_test'])}**; "
+                   f"macro-F1 is over the classes present in the test labels")
     return out
 
 

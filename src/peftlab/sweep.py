@@ -5,7 +5,7 @@
       train.lr: [1e-3, 5e-3]
       train.seed: [1, 2]
 
-Runs are named `<sweep name>/<key=value,...>` in the grid's order, so a restarted sweep
+Runs are folders `<output_dir>/<sweep name>/<key=value,...>`, in the grid's order, so a restarted sweep
 finds the runs it already finished (their report.json) and skips them, and continues a run
 that was killed part-way from its last checkpoint.
 """
@@ -20,7 +20,16 @@ from typing import Any
 
 import yaml
 
-from peftlab.config import RunConfig, apply_overrides, field_index, from_dict, read_yaml, set_value
+from peftlab.config import (
+    RunConfig,
+    apply_overrides,
+    field_index,
+    from_dict,
+    read_yaml,
+    run_name_problems,
+    safe_run_name,
+    set_value,
+)
 from peftlab.errors import PeftlabError
 
 log = logging.getLogger("peftlab")
@@ -55,8 +64,10 @@ def combinations(grid: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
-def run_name(sweep_name: str, combo: dict[str, Any]) -> str:
-    return f"{sweep_name}/" + ",".join(f"{key}={value}" for key, value in combo.items())
+def run_name(combo: dict[str, Any]) -> str:
+    """The run folder's name within the sweep's folder: `key=value,...` (other characters,
+    as in list values, become '_')."""
+    return safe_run_name(",".join(f"{key}={value}" for key, value in combo.items()))
 
 
 def _get(cfg: RunConfig, key: str) -> Any:
@@ -68,19 +79,23 @@ def _get(cfg: RunConfig, key: str) -> Any:
 
 def plan(base: RunConfig, grid: dict[str, list], sweep_name: str) -> list[RunConfig]:
     """One validated RunConfig per combination; every invalid one is reported at once."""
+    if run_name_problems(sweep_name):
+        raise PeftlabError(f"sweep {run_name_problems(sweep_name)[0]}")
     configs, problems = [], []
     for combo in combinations(grid):
         cfg = copy.deepcopy(base)
-        cfg.name = run_name(sweep_name, combo)
+        # Each run is a folder of the sweep's own folder: <output_dir>/<sweep>/<key=value,...>.
+        cfg.output_dir = str(Path(base.output_dir) / sweep_name)
+        cfg.name = run_name(combo)
         try:
             for key, value in combo.items():
                 set_value(cfg, key, value)
             # Name by the values as set (e.g. lr "1e-3" from the command line becomes 0.001),
             # so the same grid gives the same names however it was written.
-            cfg.name = run_name(sweep_name, {key: _get(cfg, key) for key in combo})
+            cfg.name = run_name({key: _get(cfg, key) for key in combo})
             configs.append(cfg.validate())
         except PeftlabError as exc:
-            problems.append(f"{cfg.name}: {exc}")
+            problems.append(f"{sweep_name}/{cfg.name}: {exc}")
     if problems:
         raise PeftlabError("invalid sweep: " + "; ".join(problems))
     return configs

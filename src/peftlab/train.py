@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +44,23 @@ def cpu_supports_bf16() -> bool:
     if not isa.startswith(("ALL", "DEFAULT", "AVX512", "AVX10", "AMX")):
         return False
     return torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX"))
+
+
+def cpu_description() -> str:
+    """The CPU's model name and what decides its speed here: bf16 instructions and the
+    kernels PyTorch runs (e.g. 'Intel Xeon ... (avx512_bf16, amx_bf16; kernels AVX512)')."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return f"{platform.processor() or platform.machine()} (no /proc/cpuinfo)"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no native bf16"]
+    return (f"{model} x{os.cpu_count()} ({', '.join(bf16)}; kernels {torch.backends.cpu.get_cpu_capability()}, "
+            f"bf16 {'native' if cpu_supports_bf16() else 'emulated'})")
 
 
 def default_device() -> torch.device:
@@ -186,13 +204,23 @@ def save_checkpoint(path: Path, model, state: dict, optimizer=None, scheduler=No
 
 
 def load_checkpoint_weights(path: Path, model) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    weights = load_file(path / CHECKPOINT_WEIGHTS)
+    try:
+        weights = load_file(path / CHECKPOINT_WEIGHTS)
+    except (OSError, SafetensorError) as exc:
+        raise PeftlabError(f"checkpoint {path / CHECKPOINT_WEIGHTS} is unreadable ({str(exc)[:80]}): the file is "
+                           f"truncated or corrupted; start the run again with --overwrite") from None
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
         raise PeftlabError(f"checkpoint {path} does not fit this model ({missing[0]} unknown): "
+                           f"resume with the run's own config")
+    wrong = [n for n, v in weights.items() if v.shape != params[n].shape]
+    if wrong:
+        raise PeftlabError(f"checkpoint {path} does not fit this model ({wrong[0]} has shape "
+                           f"{tuple(weights[wrong[0]].shape)}, the model {tuple(params[wrong[0]].shape)}): "
                            f"resume with the run's own config")
     with torch.no_grad():
         for name, value in weights.items():
@@ -201,10 +229,16 @@ def load_checkpoint_weights(path: Path, model) -> None:
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
     """Restore weights, optimizer, scheduler and RNG from `path`; returns the loop state."""
+    import pickle
+
     try:
         state = json.loads((path / CHECKPOINT_STATE).read_text())
         extra = torch.load(path / CHECKPOINT_OPTIMIZER, weights_only=True)
-    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run the file's code.
+        raise PeftlabError(f"checkpoint {path / CHECKPOINT_OPTIMIZER} holds objects other than tensors, which "
+                           f"peftlab never loads (they could run code): start the run again with --overwrite") from None
+    except (OSError, json.JSONDecodeError, RuntimeError, EOFError) as exc:
         raise PeftlabError(f"checkpoint {path} is unreadable ({type(exc).__name__}): start the run again "
                            f"with --overwrite") from None
     load_checkpoint_weights(path, model)
@@ -217,6 +251,65 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     if extra["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(extra["cuda_rng"])
     return state
+
+
+# Settings a resumed run may change: where results go, logging and checkpoint frequency,
+# trackers and the token cache; none of them changes what is trained.
+RESUME_SAFE_KEYS = frozenset({"name", "output_dir", "overwrite", "data.data_dir", "data.token_cache",
+                              "train.log_every", "train.save_every", "train.tensorboard", "train.mlflow"})
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def check_resume_config(path: Path, cfg: RunConfig) -> None:
+    """Refuse to resume from checkpoint `path` with settings other than those it was trained
+    with (except RESUME_SAFE_KEYS): the run would silently mix both. Raises PeftlabError."""
+    try:
+        saved = json.loads((path / CHECKPOINT_STATE).read_text()).get("config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        raise PeftlabError(f"checkpoint {path / CHECKPOINT_STATE} is unreadable: start the run again "
+                           f"with --overwrite") from None
+    if saved is None:  # written before checkpoints recorded their config
+        return
+    before, now = _flat(saved), _flat(cfg.to_dict())
+    changed = [k for k in sorted(before.keys() | now.keys())
+               if k not in RESUME_SAFE_KEYS and before.get(k) != now.get(k)]
+    if changed:
+        what = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise PeftlabError(f"cannot resume: the run's settings changed since its last checkpoint ({what}): "
+                           f"put them back in its config.yaml, or start a new run")
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) during training: finish the step, save a checkpoint, then stop; a
+    second Ctrl-C stops at once. A KeyboardInterrupt mid-step would leave the optimizer
+    half-updated, so the first one only sets a flag that the loop reads between steps."""
+
+    def __enter__(self):
+        self.requested = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: SIGINT stays as it was
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again stops at once)")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _better(metric: str, value: float, best: float | None) -> bool:
@@ -235,8 +328,21 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     continues from `<dir>/last` exactly where it stopped: same batch order, same dropout
     masks. `validate(model) -> metrics` is called every `eval_every` steps or epoch end.
     """
-    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+
+    try:
+        return _train_native(model, dataset, collator, cfg, precision, metrics_path, checkpoint_dir=checkpoint_dir,
+                             resume=resume, validate=validate)
+    finally:
+        # Each run builds its own Accelerator (possibly with another precision); drop the
+        # process-wide state so the next one may differ, also after a run that failed.
+        AcceleratorState._reset_state()
+
+
+def _train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig,
+                  precision: str, metrics_path: Path | None = None, *, checkpoint_dir: Path | None = None,
+                  resume: bool = False, validate: Callable | None = None) -> dict:
+    from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     tc = cfg.train
@@ -274,11 +380,14 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     main = accelerator.is_main_process
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "tokens": 0, "elapsed": 0.0,
-             "losses": [], "validation": [], "best": None, "best_step": None, "bad_rounds": 0}
+             "losses": [], "validation": [], "best": None, "best_step": None, "bad_rounds": 0,
+             "config": cfg.to_dict()}
     if resume:
         if checkpoint_dir is None or not (checkpoint_dir / "last" / CHECKPOINT_STATE).is_file():
             raise PeftlabError(f"nothing to resume: no checkpoint in {checkpoint_dir}; run without --resume")
+        check_resume_config(checkpoint_dir / "last", cfg)
         state = load_checkpoint(checkpoint_dir / "last", plain, optimizer, scheduler, accelerator.process_index)
+        state["config"] = cfg.to_dict()
         log.info("resumed from step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batch_in_epoch"])
         if metrics_path and metrics_path.is_file() and main:
             # Drop what was logged after the checkpoint: those steps run again.
@@ -314,90 +423,94 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
     elapsed_before, start = state["elapsed"], time.perf_counter()
     bar = tqdm(total=total, initial=state["step"], desc="train", disable=None if main else True)
     stop = state.get("early_stopped", False)
-    while state["step"] < total and not stop:
-        # accelerate's loader re-sets the sampler's epoch from its own counter when iteration
-        # starts (one process) or not at all (several: the sampler sits inside its shard
-        # wrapper), so both are set here.
-        loader.set_epoch(state["epoch"])
-        sampler.set_epoch(state["epoch"])
-        sampler.skip = state["batch_in_epoch"]
-        for batch in loader:
-            # forward/backward (autocast comes from accelerate's mixed_precision)
-            loss = model(**batch).loss
-            accelerator.backward(loss)
-            # clip, step, schedule
-            if tc.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            if after_step is not None:  # AdaLoRA: needs this step's gradients, so before zero_grad
-                after_step(state["step"] + 1)
-            optimizer.zero_grad(set_to_none=True)
-            # Reading the loss would sync host and device every step: keep a detached sum
-            # and read it only when logging, checkpointing or validating.
-            running = loss.detach().float() if running_n == 0 else running + loss.detach().float()
-            running_n += 1
-            state["step"] += 1
-            state["batch_in_epoch"] += 1
-            state["samples"] += batch["input_ids"].shape[0] * world  # this process holds 1/world
-            tokens = batch["attention_mask"].sum() * world  # stays on the device: no sync
-            unread_tokens = tokens if unread_tokens is None else unread_tokens + tokens
-            step = state["step"]
-            epoch_end = state["batch_in_epoch"] == steps_per_epoch
-            if epoch_end:
-                state["epoch"] += 1
-                state["batch_in_epoch"] = 0
-            last = step == total
-            bar.update(1)
+    with _StopRequest() as interrupt:
+        while state["step"] < total and not stop:
+            # accelerate's loader re-sets the sampler's epoch from its own counter when iteration
+            # starts (one process) or not at all (several: the sampler sits inside its shard
+            # wrapper), so both are set here.
+            loader.set_epoch(state["epoch"])
+            sampler.set_epoch(state["epoch"])
+            sampler.skip = state["batch_in_epoch"]
+            for batch in loader:
+                # forward/backward (autocast comes from accelerate's mixed_precision)
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                # clip, step, schedule
+                if tc.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                if after_step is not None:  # AdaLoRA: needs this step's gradients, so before zero_grad
+                    after_step(state["step"] + 1)
+                optimizer.zero_grad(set_to_none=True)
+                # Reading the loss would sync host and device every step: keep a detached sum
+                # and read it only when logging, checkpointing or validating.
+                running = loss.detach().float() if running_n == 0 else running + loss.detach().float()
+                running_n += 1
+                state["step"] += 1
+                state["batch_in_epoch"] += 1
+                state["samples"] += batch["input_ids"].shape[0] * world  # this process holds 1/world
+                tokens = batch["attention_mask"].sum() * world  # stays on the device: no sync
+                unread_tokens = tokens if unread_tokens is None else unread_tokens + tokens
+                step = state["step"]
+                epoch_end = state["batch_in_epoch"] == steps_per_epoch
+                if epoch_end:
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+                last = step == total
+                bar.update(1)
 
-            if step % tc.log_every == 0 or last or (epoch_end and running_n):
-                # Each process holds the loss of its share of the batch: average them.
-                mean = float(accelerator.reduce(running, reduction="mean") if world > 1 else running) / running_n
-                running_n = 0
-                if not math.isfinite(mean):
-                    kept = checkpoint_dir / "last" if checkpoint_dir and (checkpoint_dir / "last").exists() else None
-                    raise PeftlabError(
-                        f"training loss became {mean} by step {step}: the run diverged"
-                        + (f"; the last good checkpoint is kept in {kept}" if kept else "")
-                        + "; lower the learning rate (lr=...) and start again"
-                    )
-                elapsed = elapsed_before + time.perf_counter() - start
-                entry = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean,
-                         "lr": scheduler.get_last_lr()[0], "samples_per_s": state["samples"] / elapsed}
-                state["losses"].append({"step": step, "loss": mean})
-                record(entry)
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{entry['lr']:.2e}")
-                if bar.disable:
-                    log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, mean,
-                             entry["lr"], entry["samples_per_s"])
+                if step % tc.log_every == 0 or last or (epoch_end and running_n):
+                    # Each process holds the loss of its share of the batch: average them.
+                    mean = float(accelerator.reduce(running, reduction="mean") if world > 1 else running) / running_n
+                    running_n = 0
+                    if not math.isfinite(mean):
+                        kept = checkpoint_dir / "last" if checkpoint_dir and (checkpoint_dir / "last").exists() else None
+                        raise PeftlabError(
+                            f"training loss became {mean} by step {step}: the run diverged"
+                            + (f"; the last good checkpoint is kept in {kept}" if kept else "")
+                            + "; lower the learning rate (lr=...) and start again"
+                        )
+                    elapsed = elapsed_before + time.perf_counter() - start
+                    entry = {"step": step, "epoch": round(step / steps_per_epoch, 3), "loss": mean,
+                             "lr": scheduler.get_last_lr()[0], "samples_per_s": state["samples"] / elapsed}
+                    state["losses"].append({"step": step, "loss": mean})
+                    record(entry)
+                    bar.set_postfix(loss=f"{mean:.4f}", lr=f"{entry['lr']:.2e}")
+                    if bar.disable:
+                        log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", step, total, mean,
+                                 entry["lr"], entry["samples_per_s"])
 
-            if validate is not None and ((tc.eval_every and step % tc.eval_every == 0)
-                                         or (not tc.eval_every and epoch_end) or last):
-                metrics = validate(plain)
-                model.train()
-                value = metrics[tc.metric_for_best]
-                entry = {"step": step, **{f"val_{k}": metrics[k] for k in ("loss", "accuracy", "macro_f1")}}
-                state["validation"].append(entry)
-                record(entry)
-                improved = _better(tc.metric_for_best, value, state["best"])
-                log.info("validation at step %d: loss %.4f  accuracy %.4f  macro-F1 %.4f%s", step,
-                         metrics["loss"], metrics["accuracy"], metrics["macro_f1"], "  (best so far)" if improved else "")
-                if improved:
-                    state.update(best=value, best_step=step, bad_rounds=0)
-                    if checkpoint_dir is not None and main:
-                        save_checkpoint(checkpoint_dir / "best", plain, {"step": step, tc.metric_for_best: value})
-                else:
-                    state["bad_rounds"] += 1
-                    if tc.early_stopping_patience and state["bad_rounds"] >= tc.early_stopping_patience:
-                        log.info("early stopping at step %d: no better %s for %d validation rounds (best %.4f at "
-                                 "step %d)", step, tc.metric_for_best, state["bad_rounds"], state["best"],
-                                 state["best_step"])
-                        stop = state["early_stopped"] = True
+                if validate is not None and ((tc.eval_every and step % tc.eval_every == 0)
+                                             or (not tc.eval_every and epoch_end) or last):
+                    metrics = validate(plain)
+                    model.train()
+                    value = metrics[tc.metric_for_best]
+                    entry = {"step": step, **{f"val_{k}": metrics[k] for k in ("loss", "accuracy", "macro_f1")}}
+                    state["validation"].append(entry)
+                    record(entry)
+                    improved = _better(tc.metric_for_best, value, state["best"])
+                    log.info("validation at step %d: loss %.4f  accuracy %.4f  macro-F1 %.4f%s", step,
+                             metrics["loss"], metrics["accuracy"], metrics["macro_f1"], "  (best so far)" if improved else "")
+                    if improved:
+                        state.update(best=value, best_step=step, bad_rounds=0)
+                        if checkpoint_dir is not None and main:
+                            save_checkpoint(checkpoint_dir / "best", plain, {"step": step, tc.metric_for_best: value})
+                    else:
+                        state["bad_rounds"] += 1
+                        if tc.early_stopping_patience and state["bad_rounds"] >= tc.early_stopping_patience:
+                            log.info("early stopping at step %d: no better %s for %d validation rounds (best %.4f at "
+                                     "step %d)", step, tc.metric_for_best, state["bad_rounds"], state["best"],
+                                     state["best_step"])
+                            stop = state["early_stopped"] = True
 
-            if (tc.save_every and step % tc.save_every == 0) or epoch_end or last or stop:
-                checkpoint()
-            if last or stop:
-                break
+                if (tc.save_every and step % tc.save_every == 0) or epoch_end or last or stop or interrupt.requested:
+                    checkpoint()
+                if interrupt.requested:
+                    bar.close()
+                    raise KeyboardInterrupt
+                if last or stop:
+                    break
     bar.close()
     count_tokens()
     elapsed = elapsed_before + time.perf_counter() - start
@@ -406,9 +519,6 @@ def train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: R
         load_checkpoint_weights(checkpoint_dir / "best", plain)
         log.info("loaded the best checkpoint (step %d, %s %.4f)", state["best_step"], tc.metric_for_best, state["best"])
     accelerator.free_memory()
-    # Each run builds its own Accelerator (possibly with another precision); drop the
-    # process-wide state so the next one may differ.
-    AcceleratorState._reset_state()
     return {
         "engine": "native",
         "steps": state["step"],
@@ -518,11 +628,13 @@ def train_with_trainer(model, dataset: TokenizedDataset, collator: PadCollator, 
 
     trainer = _make_trainer(model, cfg, precision, work_dir, collator, dataset, metrics_path)
     start = time.perf_counter()
-    result = trainer.train()
+    try:
+        result = trainer.train()
+    finally:
+        AcceleratorState._reset_state()  # also after a failure: the next run may use another precision
     elapsed = time.perf_counter() - start
     tokens = sum(dataset.lengths) * result.global_step * cfg.train.batch_size / max(len(dataset), 1)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-    AcceleratorState._reset_state()
     return {
         "engine": "trainer",
         "steps": result.global_step,
@@ -555,8 +667,10 @@ def predict_logits_trainer(model, dataset: TokenizedDataset, collator: PadCollat
 
     trainer = SortedBatchesTrainer(model=model, args=_trainer_args(cfg, precision, work_dir),
                                    data_collator=collator)
-    output = trainer.predict(_ListDataset(dataset))
-    AcceleratorState._reset_state()
+    try:
+        output = trainer.predict(_ListDataset(dataset))
+    finally:
+        AcceleratorState._reset_state()
     logits = np.zeros_like(output.predictions, dtype=np.float32)
     logits[order] = output.predictions
     return logits
