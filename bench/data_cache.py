@@ -44,7 +44,7 @@ def main() -> None:
         second, cached = timed_load(args.data_dir, tokenizer, args.max_length)
     assert cached.input_ids == fresh.input_ids, "the cache returned different token ids"
     tokens = sum(fresh.lengths)
-    from peftlab.train import cpu_description
+    from peftlab.runtime import cpu_description
 
     print(f"CPU: {cpu_description()}")
     print(f"IMDB train: {len(fresh):,} reviews, {tokens:,} tokens at max_length {args.max_length} "

@@ -23,7 +23,7 @@ import torch
 from peftlab.config import METHODS, load_config
 from peftlab.errors import PeftlabError
 from peftlab.experiment import run_experiment
-from peftlab.train import cpu_description
+from peftlab.runtime import cpu_description
 
 
 def main() -> None:

@@ -199,7 +199,7 @@ def main() -> None:
 
     print(f"# bench/speed.py  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
-    from peftlab.train import cpu_description
+    from peftlab.runtime import cpu_description
 
     print(f"# CPU: {cpu_description()}")
     print(f"# model {args.model}, dataset {args.dataset}, max_length {args.max_length}, batch {args.batch_size}, "

@@ -272,9 +272,9 @@ def _disk_full_at_adapter(monkeypatch):
 
 
 def _disk_full_at_start(monkeypatch):
-    import peftlab.artifacts
+    import peftlab.files
 
-    monkeypatch.setattr(peftlab.artifacts, "write_text_atomic", _full)  # config.yaml, the first file
+    monkeypatch.setattr(peftlab.files, "write_text_atomic", _full)  # config.yaml, the first file
 
 
 # Cases that need the world changed while they run: (argv, expected message, patch). The

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from peftlab.evaluate import compute_metrics
+from peftlab.metrics import compute_metrics
 
 
 def test_metrics_match_hand_computation():

@@ -271,7 +271,7 @@ def test_unavailable_methods_and_devices_fail_clearly(tiny_cfg, tiny_decoder, mo
     tiny_cfg.method.name = "prefix_tuning"
     with pytest.raises(PeftlabError, match="does not accept: use prompt_tuning"):
         apply_method(distilbert, tiny_cfg.method)
-    from peftlab.models import resolve_device
+    from peftlab.runtime import resolve_device
 
     with pytest.raises(PeftlabError, match="no cuda device"):
         resolve_device("cuda")

@@ -8,7 +8,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from peftlab.report import binary_curves, confident_mistakes, read_metrics_log
+from peftlab.metrics import read_metrics_log
+from peftlab.report import binary_curves, confident_mistakes
 
 
 def test_binary_curves_match_hand_computed_values():

@@ -6,10 +6,10 @@ import torch
 
 from peftlab.config import load_config
 from peftlab.data import PadCollator, load_data, tokenize
-from peftlab.evaluate import compute_metrics, evaluate
+from peftlab.evaluate import evaluate
 from peftlab.methods import apply_method, count_parameters
+from peftlab.metrics import compute_metrics, read_metrics_log
 from peftlab.models import load_model
-from peftlab.report import read_metrics_log
 from peftlab.train import predict_logits_trainer, train_native, train_with_trainer
 
 
@@ -132,7 +132,7 @@ def test_auto_batching_stratifies_only_where_length_predicts_the_label(caplog):
 def test_auto_precision_picks_bf16_only_where_it_is_native(monkeypatch, cpu_flags, capability, onednn_isa, native):
     from pathlib import Path
 
-    from peftlab.train import cpu_supports_bf16, resolve_precision
+    from peftlab.runtime import cpu_supports_bf16, resolve_precision
 
     read_text = Path.read_text
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"flags\t: {cpu_flags}\n"
@@ -144,3 +144,17 @@ def test_auto_precision_picks_bf16_only_where_it_is_native(monkeypatch, cpu_flag
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
     assert cpu_supports_bf16() is native
     assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+
+
+def test_trainer_engine_keeps_a_cpu_model_on_the_cpu_where_cuda_is_present(tiny_cfg, tmp_path, monkeypatch):
+    """engine=trainer device=cpu: the Trainer follows the model's device, not whatever GPU the
+    machine has. CUDA is mocked present; any attempt to use it would fail here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = tiny_cfg
+    cfg.train.engine, cfg.model.device, cfg.train.max_steps = "trainer", "cpu", 3
+    bundle, model, collate, train, test = _setup(cfg)
+    model = apply_method(model, cfg.method)
+    summary = train_with_trainer(model, train, collate, cfg, "fp32", tmp_path / "trainer")
+    assert summary["steps"] == 3
+    assert {p.device.type for p in model.parameters()} == {"cpu"}

@@ -12,7 +12,6 @@ leaves a half-written adapter where a good one was.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,20 +22,13 @@ from pathlib import Path
 
 from peftlab.config import PEFT_METHODS
 from peftlab.errors import PeftlabError
+from peftlab.files import dir_size, replace_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger("peftlab")
 
 META_FILE = "peftlab.json"
 HEAD_FILE = "head.safetensors"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package_versions() -> dict:
@@ -49,44 +41,6 @@ def package_versions() -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to a temporary file beside `path`, then rename over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished folder `tmp` to `final`, replacing what was there.
-
-    Renames are atomic; between the two renames `final` briefly does not exist, but a
-    complete copy always does (the old one under `.<name>.old`, or the new one).
-    """
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def save_adapter(model, adapter_dir: Path, meta: dict, tokenizer=None) -> Path:

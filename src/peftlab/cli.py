@@ -258,7 +258,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.output:
         from pathlib import Path
 
-        from peftlab.artifacts import write_json_atomic
+        from peftlab.files import write_json_atomic
 
         write_json_atomic(Path(args.output), result)
     return 0

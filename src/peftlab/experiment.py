@@ -14,21 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from peftlab import artifacts, rundir
+from peftlab import artifacts, files, rundir
 from peftlab.config import DataConfig, ModelConfig, RunConfig
 from peftlab.data import DataBundle, PadCollator, load_data, tokenize
 from peftlab.errors import Interrupted, PeftlabError
-from peftlab.evaluate import compute_metrics, evaluate, predict_logits, softmax
+from peftlab.evaluate import evaluate, predict_logits
 from peftlab.methods import apply_method, count_parameters
-from peftlab.models import base_fingerprint, head_module_names, load_model, resolve_device, set_model_dropout
+from peftlab.metrics import compute_metrics, softmax
+from peftlab.models import base_fingerprint, head_module_names, load_model, set_model_dropout
 from peftlab.report import markdown, model_card, write_html_report
-from peftlab.train import (
-    distributed_state,
-    predict_logits_trainer,
-    resolve_precision,
-    train_native,
-    train_with_trainer,
-)
+from peftlab.runtime import cpu_description, distributed_state, resolve_device, resolve_precision
+from peftlab.train import predict_logits_trainer, train_native, train_with_trainer
 
 log = logging.getLogger("peftlab")
 
@@ -106,7 +102,7 @@ def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True
         claimed.append(prepare_run_dir(cfg, resume))
         run_dir = claimed[0].path
         if not resume:
-            artifacts.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
+            files.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         return str(run_dir), run_dir.name
 
     run_dir, cfg.name = _main_decides(prepare)
@@ -140,7 +136,7 @@ def _record_failure(run_dir: Path, exc: BaseException, fresh: bool) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
         return
     try:
-        artifacts.write_text_atomic(run_dir / "FAILED.txt", f"{type(exc).__name__}: {exc}\n")
+        files.write_text_atomic(run_dir / "FAILED.txt", f"{type(exc).__name__}: {exc}\n")
     except OSError:  # the disk that failed the run may not take this note either
         log.warning("could not write %s", run_dir / "FAILED.txt")
 
@@ -190,7 +186,7 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         base_metrics, base_logits = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "baseline")
         _log_metrics("baseline", base_metrics)
         if main:
-            artifacts.write_json_atomic(baseline_path, base_metrics)
+            files.write_json_atomic(baseline_path, base_metrics)
 
     # 4-5. adapt and train
     heads = head_module_names(model)
@@ -279,18 +275,18 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "reloaded": report_reloaded,
         "reload_check": reload_check,
         "train": train_summary,
-        "adapter": {"dir": str(adapter_dir), "size_bytes": artifacts.dir_size(adapter_dir)},
+        "adapter": {"dir": str(adapter_dir), "size_bytes": files.dir_size(adapter_dir)},
         "resources": _resources(time.perf_counter() - wall_start, device),
         "versions": artifacts.package_versions(),
     }
     if main:
         # peft's save_pretrained leaves a placeholder README.md; replace it with a real card.
-        artifacts.write_text_atomic(adapter_dir / "README.md", model_card(report))
-        report["adapter"]["size_bytes"] = artifacts.dir_size(adapter_dir)
-        artifacts.write_text_atomic(run_dir / "report.md", markdown(report))
+        files.write_text_atomic(adapter_dir / "README.md", model_card(report))
+        report["adapter"]["size_bytes"] = files.dir_size(adapter_dir)
+        files.write_text_atomic(run_dir / "report.md", markdown(report))
         write_html_report(report, run_dir, {"baseline": base_logits, "fine-tuned": tuned_logits},
                           bundle.test_texts, bundle.test_labels)
-        artifacts.write_json_atomic(run_dir / "report.json", report)  # last: it marks the run finished
+        files.write_json_atomic(run_dir / "report.json", report)  # last: it marks the run finished
         if cfg.train.tensorboard or cfg.train.mlflow:
             from peftlab.tracking import write_trackers
 
@@ -320,8 +316,6 @@ def _resources(wall_seconds: float, device: torch.device) -> dict:
     import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    from peftlab.train import cpu_description
-
     out = {"wall_seconds": wall_seconds, "peak_rss_mb": rss / (1e6 if sys.platform == "darwin" else 1e3),
            "cpu": cpu_description()}  # speed figures mean little without the machine
     if device.type == "cuda":

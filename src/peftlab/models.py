@@ -240,21 +240,6 @@ def quantization_config(bits: str):
                               bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=list(HEAD_NAMES))
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """The device for `name` (auto: CUDA, then MPS, then CPU); PeftlabError if it is absent."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
-    if not available[name]:
-        raise PeftlabError(f"device={name} was asked for but this machine has no {name} device: use device=auto")
-    return torch.device(name)
-
-
 def head_module_names(model) -> list[str]:
     """Names of the classification head's top-level modules (trained and saved with adapters)."""
     children = {name for name, _ in model.named_children()}

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from peftlab.errors import PeftlabError
+from peftlab.metrics import read_metrics_log
 
 log = logging.getLogger("peftlab")
 
@@ -141,22 +142,6 @@ def markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-def read_metrics_log(path: Path) -> tuple[list[dict], list[dict]]:
-    """Training entries ({"step", "loss", "lr", ...}) and validation entries ({"step",
-    "val_loss", ...}) from a run's metrics.jsonl; both empty when the file is absent."""
-    train_log, val_log = [], []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            entry = json.loads(line)
-            if "loss" in entry and "lr" in entry:
-                train_log.append(entry)
-            elif "val_loss" in entry:
-                val_log.append(entry)
-    return train_log, val_log
-
-
 def binary_curves(positive_probs: np.ndarray, labels: np.ndarray) -> dict:
     """Precision-recall and ROC curves of a binary classifier, from P(class 1) per example.
 
@@ -202,7 +187,7 @@ def confident_mistakes(texts: list[str], labels, probs: np.ndarray, label_names:
 def report_extras(report: dict, logits: dict[str, np.ndarray | None], texts: list[str], labels) -> dict:
     """What report.html shows beyond report.json's metrics, computed from the test logits
     (title -> logits, None where unavailable): binary curves and confident mistakes."""
-    from peftlab.evaluate import softmax
+    from peftlab.metrics import softmax
 
     names = report["label_names"]
     probs = {title: softmax(v) for title, v in logits.items() if v is not None and len(v)}
@@ -339,7 +324,7 @@ def write_html_report(report: dict, run_dir: Path, logits: dict[str, np.ndarray 
 
     `logits` maps "baseline" / "fine-tuned" to test logits (None where not kept, e.g. a
     resumed run's baseline). Without matplotlib the page is written without plots."""
-    from peftlab.artifacts import write_text_atomic
+    from peftlab.files import write_text_atomic
 
     extras = report_extras(report, logits, texts, labels)
     train_log, val_log = read_metrics_log(run_dir / "metrics.jsonl")
@@ -458,7 +443,7 @@ def leaderboard_html(reports: list[dict]) -> str:
 
 def write_leaderboard(reports: list[dict], prefix: str | Path) -> tuple[Path, Path]:
     """Write PREFIX.md and PREFIX.html; returns their paths."""
-    from peftlab.artifacts import write_text_atomic
+    from peftlab.files import write_text_atomic
 
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)

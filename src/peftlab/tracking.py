@@ -13,7 +13,7 @@ from pathlib import Path
 
 from peftlab.config import RunConfig
 from peftlab.errors import PeftlabError
-from peftlab.report import read_metrics_log
+from peftlab.metrics import read_metrics_log
 
 log = logging.getLogger("peftlab")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import tempfile
@@ -25,76 +24,10 @@ from peftlab.config import RunConfig
 from peftlab.data import LengthGroupedBatchSampler, PadCollator, TokenizedDataset, label_skew
 from peftlab.errors import PeftlabError
 from peftlab.methods import prepare_step_hook
+from peftlab.metrics import append_metrics_log
+from peftlab.runtime import gather_objects
 
 log = logging.getLogger("peftlab")
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether bf16 matrix work runs natively here: the CPU has AVX-512 BF16 or AMX, and
-    PyTorch's and oneDNN's kernels are not held to an older instruction set
-    (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2), under which bf16 is emulated and
-    some 300x slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
-        return False
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    if not isa.startswith(("ALL", "DEFAULT", "AVX512", "AVX10", "AMX")):
-        return False
-    return torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX"))
-
-
-def cpu_description() -> str:
-    """The CPU's model name and what decides its speed here: bf16 instructions and the
-    kernels PyTorch runs (e.g. 'Intel Xeon ... (avx512_bf16, amx_bf16; kernels AVX512)')."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
-
-        return f"{platform.processor() or platform.machine()} (no /proc/cpuinfo)"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 "unknown CPU")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no native bf16"]
-    return (f"{model} x{os.cpu_count()} ({', '.join(bf16)}; kernels {torch.backends.cpu.get_cpu_capability()}, "
-            f"bf16 {'native' if cpu_supports_bf16() else 'emulated'})")
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def distributed_state():
-    """accelerate's process state (one process, or N under torchrun / accelerate launch).
-
-    CPU-only processes must say so (`cpu=True`), or accelerate ignores the launcher's
-    WORLD_SIZE and each process runs alone.
-    """
-    from accelerate import PartialState
-
-    return PartialState(cpu=default_device().type == "cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn 'auto' into fp32/bf16/fp16 for `device`, and log what was picked and why."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        picked = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        why = "CUDA device " + ("supports bf16" if picked == "bf16" else "lacks bf16")
-    elif device.type == "cpu" and cpu_supports_bf16():
-        picked, why = "bf16", "CPU has native bf16 instructions"
-    else:
-        picked, why = "fp32", f"no fast bf16 on {device.type}"
-    log.info("precision: %s (auto: %s)", picked, why)
-    return picked
 
 
 def _optimizer(model, lr: float, weight_decay: float, lora_plus_ratio: float | None = None,
@@ -169,24 +102,13 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def gather_objects(obj) -> list:
-    """`obj` from every process, in rank order ([obj] when not distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def save_checkpoint(path: Path, model, state: dict, optimizer=None, scheduler=None,
                     rng_states: list | None = None) -> None:
     """Write a checkpoint folder atomically: weights (safetensors), optimizer/scheduler/RNG
     (a tensors-only torch file, loadable with weights_only=True) and the loop state (JSON)."""
     from safetensors.torch import save_file
 
-    from peftlab.artifacts import replace_dir, write_json_atomic
+    from peftlab.files import replace_dir, write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -401,9 +323,8 @@ def _train_native(model, dataset: TokenizedDataset, collator: PadCollator, cfg: 
     running, unread_tokens, running_n = None, None, 0
 
     def record(entry: dict) -> None:
-        if metrics_path and main:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
+        if main:
+            append_metrics_log(metrics_path, entry)
 
     def count_tokens() -> None:
         nonlocal unread_tokens
@@ -548,7 +469,7 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.dataset[i]
 
 
-def _trainer_args(cfg: RunConfig, precision: str, output_dir: Path, total_steps: int | None = None):
+def _trainer_args(cfg: RunConfig, precision: str, output_dir: Path, device: torch.device):
     from transformers import TrainingArguments
 
     tc = cfg.train
@@ -565,7 +486,8 @@ def _trainer_args(cfg: RunConfig, precision: str, output_dir: Path, total_steps:
         lr_scheduler_type="linear",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        use_cpu=default_device().type == "cpu",
+        # The model's own device: device=cpu on a CUDA machine must stay on the CPU.
+        use_cpu=device.type == "cpu",
         seed=tc.seed,
         logging_steps=tc.log_every,
         save_strategy="no",
@@ -600,10 +522,8 @@ def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, colla
         def on_log(self, args, state, control, logs=None, **kwargs):
             if metrics_path is None or not state.is_world_process_zero or "loss" not in (logs or {}):
                 return
-            entry = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 3), "loss": logs["loss"],
-                     "lr": logs.get("learning_rate")}
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(entry) + "\n")
+            append_metrics_log(metrics_path, {"step": state.global_step, "epoch": round(state.epoch or 0.0, 3),
+                                              "loss": logs["loss"], "lr": logs.get("learning_rate")})
 
     # LoRA+ and a separate head rate need their own parameter groups; otherwise the
     # Trainer builds its default AdamW.
@@ -612,7 +532,7 @@ def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, colla
     optimizer = _optimizer(model, cfg.lr, cfg.train.weight_decay, ratio, cfg.head_lr) if custom else None
     return Trainer(
         model=model,
-        args=_trainer_args(cfg, precision, output_dir),
+        args=_trainer_args(cfg, precision, output_dir, next(model.parameters()).device),
         train_dataset=_ListDataset(train_dataset) if train_dataset is not None else None,
         data_collator=collator,
         callbacks=[StepHook(), MetricsLog()] if train_dataset is not None else None,
@@ -665,7 +585,7 @@ def predict_logits_trainer(model, dataset: TokenizedDataset, collator: PadCollat
         def get_test_dataloader(self, test_dataset):
             return torch.utils.data.DataLoader(test_dataset, batch_sampler=sampler, collate_fn=collator)
 
-    trainer = SortedBatchesTrainer(model=model, args=_trainer_args(cfg, precision, work_dir),
+    trainer = SortedBatchesTrainer(model=model, args=_trainer_args(cfg, precision, work_dir, next(model.parameters()).device),
                                    data_collator=collator)
     try:
         output = trainer.predict(_ListDataset(dataset))

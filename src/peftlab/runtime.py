@@ -1,0 +1,110 @@
+"""Where and how computation runs: the device (one resolver), the precision and autocast,
+what the CPU can do natively, and the helpers for several processes (torchrun / accelerate
+launch). Below models, data and the engines; imports only errors."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from peftlab.errors import PeftlabError
+
+log = logging.getLogger("peftlab")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The device for `name` (auto: CUDA, then MPS, then CPU); PeftlabError if it is absent."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if not available[name]:
+        raise PeftlabError(f"device={name} was asked for but this machine has no {name} device: use device=auto")
+    return torch.device(name)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether bf16 matrix work runs natively here: the CPU has AVX-512 BF16 or AMX, and
+    PyTorch's and oneDNN's kernels are not held to an older instruction set
+    (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2), under which bf16 is emulated and
+    some 300x slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if not isa.startswith(("ALL", "DEFAULT", "AVX512", "AVX10", "AMX")):
+        return False
+    return torch.backends.cpu.get_cpu_capability().upper().startswith(("AVX512", "AMX"))
+
+
+def cpu_description() -> str:
+    """The CPU's model name and what decides its speed here: bf16 instructions and the
+    kernels PyTorch runs (e.g. 'Intel Xeon ... (avx512_bf16, amx_bf16; kernels AVX512)')."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return f"{platform.processor() or platform.machine()} (no /proc/cpuinfo)"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no native bf16"]
+    return (f"{model} x{os.cpu_count()} ({', '.join(bf16)}; kernels {torch.backends.cpu.get_cpu_capability()}, "
+            f"bf16 {'native' if cpu_supports_bf16() else 'emulated'})")
+
+
+def distributed_state():
+    """accelerate's process state (one process, or N under torchrun / accelerate launch).
+
+    CPU-only processes must say so (`cpu=True`), or accelerate ignores the launcher's
+    WORLD_SIZE and each process runs alone.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=resolve_device("auto").type == "cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn 'auto' into fp32/bf16/fp16 for `device`, and log what was picked and why."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        picked = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        why = "CUDA device " + ("supports bf16" if picked == "bf16" else "lacks bf16")
+    elif device.type == "cpu" and cpu_supports_bf16():
+        picked, why = "bf16", "CPU has native bf16 instructions"
+    else:
+        picked, why = "fp32", f"no fast bf16 on {device.type}"
+    log.info("precision: %s (auto: %s)", picked, why)
+    return picked
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for 'bf16'/'fp16'; a no-op for 'fp32'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def gather_objects(obj) -> list:
+    """`obj` from every process, in rank order ([obj] when not distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
