@@ -23,7 +23,7 @@ from peftlab.models import load_tokenizer, resolve
 def timed_load(data_dir: str, tokenizer, max_length: int):
     start = time.perf_counter()
     bundle = load_data(DataConfig(dataset="imdb"), data_dir)
-    dataset = tokenize(tokenizer, bundle.train_texts, bundle.train_labels, max_length)
+    dataset = tokenize(tokenizer, bundle.train.texts, bundle.train.labels, max_length)
     return time.perf_counter() - start, dataset
 
 

@@ -5,7 +5,7 @@
     python bench/methods.py --model smollm2-135m --methods lora,prompt_tuning \\
         --max-train-samples 400 --max-eval-samples 300
 
-Each method trains with its default learning rate (config.DEFAULT_LR, or --lr) through
+Each method trains with its default learning rate (its entry in methods/registry.py, or --lr) through
 `run_experiment` (no baseline, no reload check, to save time) and is evaluated on the
 test split. The table gives method, trainable parameters, adapter size on disk, train
 time, accuracy and macro-F1, preceded by the conditions it was measured under. Methods

@@ -96,7 +96,7 @@ def run_stock(args, grouped: bool) -> dict:
         return ds.map(lambda b: tok(b["text"], truncation=True, max_length=args.max_length), batched=True,
                       remove_columns=["text"])
 
-    train, test = encode(bundle.train_texts, bundle.train_labels), encode(bundle.test_texts, bundle.test_labels)
+    train, test = encode(bundle.train.texts, bundle.train.labels), encode(bundle.test.texts, bundle.test.labels)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             model=model,
@@ -116,9 +116,9 @@ def run_stock(args, grouped: bool) -> dict:
         start = time.perf_counter()
         pred = trainer.predict(test)
         eval_seconds = time.perf_counter() - start
-    accuracy = float((np.asarray(pred.predictions).argmax(-1) == np.asarray(bundle.test_labels)).mean())
+    accuracy = float((np.asarray(pred.predictions).argmax(-1) == np.asarray(bundle.test.labels)).mean())
     return {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "accuracy": accuracy,
-            "train_n": len(bundle.train_texts), "eval_n": len(bundle.test_texts)}
+            "train_n": len(bundle.train.texts), "eval_n": len(bundle.test.texts)}
 
 
 def run_peftlab(args, extra: list[str] = ()) -> dict:
@@ -155,7 +155,7 @@ def model_facts(args) -> dict:
     source = resolve(args.model)
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     tok = AutoTokenizer.from_pretrained(source.path, **kw)
-    lengths = [len(x) for x in tok(bundle.train_texts, truncation=True, max_length=args.max_length)["input_ids"]]
+    lengths = [len(x) for x in tok(bundle.train.texts, truncation=True, max_length=args.max_length)["input_ids"]]
     config = AutoConfig.from_pretrained(source.path, **kw)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)

@@ -8,17 +8,17 @@ import torch
 
 from peftlab import artifacts
 from peftlab.data import PadCollator, load_data, tokenize
+from peftlab.engines.native import predict_logits
+from peftlab.engines.native import train as train_native
 from peftlab.errors import PeftlabError
-from peftlab.evaluate import predict_logits
 from peftlab.methods import apply_method
 from peftlab.models import base_fingerprint, head_module_names, load_model
-from peftlab.train import train_native
 
 RELOAD_SCRIPT = """
 import json, sys
 from peftlab.artifacts import load_adapter
 from peftlab.data import PadCollator, tokenize
-from peftlab.evaluate import predict_logits
+from peftlab.engines.native import predict_logits
 model, tok, meta = load_adapter(sys.argv[1])
 texts = json.loads(sys.argv[2])
 ds = tokenize(tok, texts, None, 64)
@@ -38,8 +38,8 @@ def _trained(cfg, method, tmp_path, model_name=None):
     fingerprint = base_fingerprint(model)
     collate = PadCollator(tok.pad_token_id, tok.padding_side)
     model = apply_method(model, cfg.method)
-    train_native(model, tokenize(tok, bundle.train_texts, bundle.train_labels, 64), collate, cfg, "fp32")
-    test = tokenize(tok, bundle.test_texts, bundle.test_labels, 64)
+    train_native(model, tokenize(tok, bundle.train.texts, bundle.train.labels, 64), collate, cfg, "fp32")
+    test = tokenize(tok, bundle.test.texts, bundle.test.labels, 64)
     logits = predict_logits(model, test, collate, 8)
     meta = {"base_model": cfg.model.name, "label_names": bundle.label_names, "head_modules": heads,
             "method": {"name": method}, "max_length": 64, "data": {"dataset": cfg.data.dataset},
@@ -53,7 +53,7 @@ def _trained(cfg, method, tmp_path, model_name=None):
 def test_reload_in_fresh_process_gives_identical_logits(tiny_cfg, tiny_encoder, tiny_decoder, tmp_path, method, kind):
     """Pitfalls 1 and 2: the head must travel with the adapter; dropout must be off."""
     adapter_dir, bundle, logits = _trained(tiny_cfg, method, tmp_path, tiny_decoder if kind == "decoder" else None)
-    out = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(adapter_dir), json.dumps(bundle.test_texts)],
+    out = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(adapter_dir), json.dumps(bundle.test.texts)],
                          capture_output=True, text=True, check=True)
     np.testing.assert_array_equal(np.array(json.loads(out.stdout), dtype=np.float32), logits)
 
@@ -67,7 +67,7 @@ def test_adapter_loads_with_plain_peft(tiny_cfg, tiny_encoder, tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(tiny_encoder, num_labels=len(meta["label_names"]))
     model = PeftModel.from_pretrained(base, adapter_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_encoder)
-    ds = tokenize(tok, bundle.test_texts, None, 64)
+    ds = tokenize(tok, bundle.test.texts, None, 64)
     np.testing.assert_array_equal(predict_logits(model, ds, PadCollator(tok.pad_token_id), 8), logits)
 
 

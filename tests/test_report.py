@@ -8,8 +8,10 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
+from peftlab.methods import METHODS
+from peftlab.methods.registry import FAMILIES
 from peftlab.metrics import read_metrics_log
-from peftlab.report import binary_curves, confident_mistakes
+from peftlab.report import binary_curves, confident_mistakes, model_card
 
 
 def test_binary_curves_match_hand_computed_values():
@@ -83,23 +85,20 @@ def test_html_without_matplotlib_has_tables_and_says_why(html_run, monkeypatch, 
     assert 'id="comparison"' in page and not (tmp_path / "plots").exists()
 
 
-def test_adapter_model_card_has_front_matter_and_loads_with_plain_peft(html_run):
+def _card_front_matter(card: str) -> dict:
+    import yaml
+
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def _plain_snippet_predicts_as_peftlab(card: str, adapter_dir) -> None:
+    """Run the card's plain-peft snippet as written: it must give peftlab's predictions."""
     import re
-    from pathlib import Path
 
     import torch
-    import yaml
 
     from peftlab.experiment import Predictor
 
-    report, cfg = html_run
-    adapter_dir = Path(report["adapter"]["dir"])
-    card = (adapter_dir / "README.md").read_text()
-    front = yaml.safe_load(card.split("---\n")[1])
-    assert front["library_name"] == "peft" and front["base_model"] == cfg.model.name
-    assert front["datasets"] == [cfg.data.dataset] and "lora" in front["tags"]
-    assert "## Metrics (test split)" in card and "from peftlab import Predictor" in card
-    # The card's plain-peft snippet, run as written, gives the same predictions as peftlab.
     snippet = re.search(r"With plain transformers and peft:\n\n```python\n(.*?)```", card, re.S).group(1)
     scope: dict = {}
     exec(snippet.replace("path/to/adapter", str(adapter_dir)), scope)
@@ -108,6 +107,83 @@ def test_adapter_model_card_has_front_matter_and_loads_with_plain_peft(html_run)
         logits = scope["model"].eval()(**scope["tokenizer"](text, return_tensors="pt")).logits
     expected = Predictor(adapter_dir)([text])[0]["probabilities"]
     assert torch.allclose(logits.softmax(-1)[0], torch.tensor(list(expected.values()), dtype=torch.float32), atol=1e-5)
+
+
+def test_adapter_model_card_has_front_matter_and_loads_with_plain_peft(html_run):
+    from pathlib import Path
+
+    report, cfg = html_run
+    adapter_dir = Path(report["adapter"]["dir"])
+    card = (adapter_dir / "README.md").read_text()
+    front = _card_front_matter(card)
+    assert front["library_name"] == "peft" and front["base_model"] == cfg.model.name
+    assert front["datasets"] == [cfg.data.dataset] and "lora" in front["tags"]
+    assert "## Metrics (test split)" in card and "from peftlab import Predictor" in card
+    _plain_snippet_predicts_as_peftlab(card, adapter_dir)
+
+
+def test_ia3_model_card_snippet_loads_with_plain_peft(tiny_encoder, sentiment_dir, tmp_path):
+    """The card's snippet works for a peft method other than lora (it once called them head-only)."""
+    from pathlib import Path
+
+    from peftlab.config import load_config
+    from peftlab.experiment import run_experiment
+
+    cfg = load_config(None, [f"model={tiny_encoder}", f"dataset={sentiment_dir}", "method=ia3", "precision=fp32",
+                             f"output_dir={tmp_path}", "name=ia3", "max_steps=2", "batch_size=16"])
+    adapter_dir = Path(run_experiment(cfg, baseline=False, reload=False)["adapter"]["dir"])
+    card = (adapter_dir / "README.md").read_text()
+    assert _card_front_matter(card)["library_name"] == "peft"
+    _plain_snippet_predicts_as_peftlab(card, adapter_dir)
+
+
+def _fake_report(method: str) -> dict:
+    """A finished run's report, as model_card reads it, for `method` (no training)."""
+    from peftlab.config import load_config
+
+    cfg = load_config(None, [f"method={method}", "model=org/base-model", "dataset=sms_spam"])
+    per_class = {"ham": {"precision": 0.9, "recall": 0.9, "f1": 0.9}, "spam": {"precision": 0.8, "recall": 0.8, "f1": 0.8}}
+    return {
+        "name": f"card-{method}", "config": cfg.to_dict(), "label_names": ["ham", "spam"], "baseline": None,
+        "data": {"dataset": "sms_spam", "source": "the mirror", "split": "given", "train_size": 100, "test_size": 20,
+                 "train_label_counts": {"ham": 80, "spam": 20}, "fingerprint": "abc123"},
+        "finetuned": {"loss": 0.3, "accuracy": 0.9, "macro_f1": 0.85, "per_class": per_class},
+        "model": {"class": "BertForSequenceClassification", "total_params": 1000},
+        "method": {"name": method, "trainable_params": 10, "total_params": 1000},
+        "adapter": {"size_bytes": 4000}, "train": {"train_seconds": 1.0, "train_samples_per_s": 100.0},
+    }
+
+
+# One method per family: (method, library_name, what the card says about it, how it loads without peftlab).
+CARDS = [
+    ("lora", "peft", "low-rank update B·A", 'PeftModel.from_pretrained(base, "path/to/adapter")'),
+    ("adalora", "peft", "rank budget is reallocated", 'PeftModel.from_pretrained(base, "path/to/adapter")'),
+    ("ia3", "peft", "learned rescaling of keys", 'PeftModel.from_pretrained(base, "path/to/adapter")'),
+    ("loha", "peft", "Hadamard product", 'PeftModel.from_pretrained(base, "path/to/adapter")'),
+    ("vera", "peft", "shared frozen random projections", 'PeftModel.from_pretrained(base, "path/to/adapter")'),
+    ("boft", "peft", "butterfly-factorised", 'PeftModel.from_pretrained(base, "path/to/adapter")'),
+    ("prompt_tuning", "peft", "virtual-token embeddings", "fix_prompt_pooling(model)"),
+    ("prefix_tuning", "peft", "key/value prefixes", "accept_past_key_values(base)` before `PeftModel.from_pretrained"),
+    ("full", "transformers", "every weight", 'AutoModelForSequenceClassification.from_pretrained("path/to/adapter")'),
+    ("head", "peftlab", "only the classification head", "`head.safetensors` in this folder holds those weights"),
+    ("bitfit", "peftlab", "only the biases (and the head)", "`head.safetensors` in this folder holds those weights"),
+]
+
+
+def test_model_card_cases_cover_every_method_family():
+    assert {METHODS[method].family for method, *_ in CARDS} == set(FAMILIES)
+
+
+@pytest.mark.parametrize("method,library,about,loads", CARDS)
+def test_model_card_says_how_each_family_loads(method, library, about, loads):
+    card = model_card(_fake_report(method))
+    front = _card_front_matter(card)
+    assert front["library_name"] == library and front["base_model"] == "org/base-model" and method in front["tags"]
+    assert f"`{method}`: " in card and about in card
+    assert loads in card and 'Predictor("path/to/adapter")' in card
+    assert ("PeftModel" in card) == (library == "peft")
+    assert ("AutoModelForSequenceClassification" in card) == (library != "peftlab")
+    assert "head-only" not in card
 
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)

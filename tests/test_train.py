@@ -6,11 +6,13 @@ import torch
 
 from peftlab.config import load_config
 from peftlab.data import PadCollator, load_data, tokenize
-from peftlab.evaluate import evaluate
+from peftlab.engines.native import evaluate, training_sampler
+from peftlab.engines.native import train as train_native
+from peftlab.engines.trainer import predict_logits as predict_logits_trainer
+from peftlab.engines.trainer import train as train_with_trainer
 from peftlab.methods import apply_method, count_parameters
 from peftlab.metrics import compute_metrics, read_metrics_log
 from peftlab.models import load_model
-from peftlab.train import predict_logits_trainer, train_native, train_with_trainer
 
 
 def _setup(cfg):
@@ -18,8 +20,8 @@ def _setup(cfg):
     torch.manual_seed(cfg.train.seed)
     model, tok, _ = load_model(cfg.model, len(bundle.label_names), bundle.label_names)
     collate = PadCollator(tok.pad_token_id, tok.padding_side)
-    train = tokenize(tok, bundle.train_texts, bundle.train_labels, 64)
-    test = tokenize(tok, bundle.test_texts, bundle.test_labels, 64)
+    train = tokenize(tok, bundle.train.texts, bundle.train.labels, 64)
+    test = tokenize(tok, bundle.test.texts, bundle.test.labels, 64)
     return bundle, model, collate, train, test
 
 
@@ -40,16 +42,16 @@ def test_both_engines_train_lora_and_head(tiny_cfg, tmp_path, engine):
     run = train_native if engine == "native" else train_with_trainer
     extra = () if engine == "native" else (tmp_path / "trainer",)
     summary = run(model, train, collate, cfg, "fp32", *extra, metrics_path=tmp_path / "metrics.jsonl")
-    assert summary["steps"] == 40
+    assert summary.steps == 40
     # Both engines log the same metrics.jsonl entries: the report's loss and LR curves.
     logged, _ = read_metrics_log(tmp_path / "metrics.jsonl")
     assert [(e["step"], round(e["loss"], 4)) for e in logged] == \
-        [(h["step"], round(h["loss"], 4)) for h in summary["loss_history"]]
+        [(h["step"], round(h["loss"], 4)) for h in summary.loss_history]
     assert len(logged) >= 2 and logged[-1]["step"] == 40 and all(e["lr"] > 0 for e in logged[:-1])
     after_b = _lora_b(model)
     assert before_b and all(not torch.equal(before_b[n], after_b[n]) for n in before_b)
     assert not torch.equal(head_before, model.base_model.model.classifier.modules_to_save["default"].weight)
-    assert summary["loss_history"][-1]["loss"] < summary["loss_history"][0]["loss"]
+    assert summary.loss_history[-1]["loss"] < summary.loss_history[0]["loss"]
 
 
 def test_full_fine_tuning_learns_the_task(tiny_cfg):
@@ -104,8 +106,6 @@ def test_training_is_deterministic(tiny_cfg):
 
 def test_auto_batching_stratifies_only_where_length_predicts_the_label(caplog):
     from peftlab.data import TokenizedDataset
-    from peftlab.train import training_sampler
-
     rng = np.random.default_rng(0)
     labels = (rng.random(600) < 0.15).astype(int).tolist()
     predictive = [int(rng.integers(60, 120)) if y else int(rng.integers(5, 60)) for y in labels]
@@ -156,5 +156,5 @@ def test_trainer_engine_keeps_a_cpu_model_on_the_cpu_where_cuda_is_present(tiny_
     bundle, model, collate, train, test = _setup(cfg)
     model = apply_method(model, cfg.method)
     summary = train_with_trainer(model, train, collate, cfg, "fp32", tmp_path / "trainer")
-    assert summary["steps"] == 3
+    assert summary.steps == 3
     assert {p.device.type for p in model.parameters()} == {"cpu"}

@@ -3,9 +3,10 @@
 An adapter directory holds what PEFT writes (`adapter_config.json`,
 `adapter_model.safetensors`, loadable with plain `PeftModel.from_pretrained`) plus
 `peftlab.json`: base model, label names, method config, data fingerprint, metrics, package
-versions and a SHA-256 of every weight file. `full` runs hold a complete model
-(`model.safetensors` + config + tokenizer); `head` and `bitfit` runs hold only
-`head.safetensors` (the head, and for bitfit every bias).
+versions and a SHA-256 of every weight file. What the folder holds follows the method's
+registry entry (`MethodSpec.artifact`): peft adapter files, a complete model for `full`
+(`model.safetensors` + config + tokenizer), or only `head.safetensors` for `head` and
+`bitfit` (the weights they trained: the head, and for bitfit every bias).
 Directories are written under a temporary name and renamed into place, so a crash never
 leaves a half-written adapter where a good one was.
 """
@@ -20,9 +21,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from peftlab.config import PEFT_METHODS
 from peftlab.errors import PeftlabError
 from peftlab.files import dir_size, replace_dir, sha256_file, write_json_atomic
+from peftlab.methods.registry import METHODS, MethodSpec
 
 log = logging.getLogger("peftlab")
 
@@ -71,22 +72,22 @@ def save_adapter(model, adapter_dir: Path, meta: dict, tokenizer=None) -> Path:
 def _write_adapter(model, tmp: Path, meta: dict, tokenizer) -> None:
     """The adapter's files, written into the fresh folder `tmp` (see save_adapter)."""
     method = meta["method"]["name"]
-    if method in PEFT_METHODS:
+    spec = METHODS.get(method)
+    if spec is None:
+        raise PeftlabError(f"cannot save method {method!r}: it is not a known method (`peftlab methods` lists them)")
+    if spec.artifact == "peft":
         model.save_pretrained(tmp)
-    elif method == "full":
+    elif spec.artifact == "full":
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    elif method in ("head", "bitfit"):
-        # Only what trained: the head (and, for bitfit, the biases) over the frozen base.
+    else:
+        # Only what trained (the head, for bitfit also the biases) over the frozen base.
         from safetensors.torch import save_file
 
         heads = meta["head_modules"]
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-                 if k.split(".")[0] in heads or (method == "bitfit" and k.endswith(".bias"))}
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if spec.trains(k, heads)}
         save_file(state, tmp / HEAD_FILE)
-    else:
-        raise PeftlabError(f"cannot save method {method!r}")
     weights = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
     meta = {**meta, "format_version": FORMAT_VERSION, "versions": package_versions(),
             "weights_sha256": {name: sha256_file(tmp / name) for name in weights}}
@@ -178,10 +179,10 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
             f"adapter {adapter_dir} holds pickle weights ({pickles[0]}), which can run code when "
             f"loaded: pass --allow-pickle only if you trust the file"
         )
-    method = meta["method"]["name"]
+    spec = _method_spec(meta)
     labels = meta["label_names"]
     base = model_name or meta["base_model"]
-    if method == "full":
+    if spec.artifact == "full":
         model, tokenizer, _ = load_model(
             ModelConfig(name=str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code,
                         allow_pickle=allow_pickle),
@@ -195,43 +196,61 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
                         quantization=meta.get("quantization", "none")),
             len(labels), labels)
         _check_base(meta, base, base_fingerprint(model))
-        if method in PEFT_METHODS:
-            from peft import PeftModel
-            from safetensors import SafetensorError
-
-            from peftlab.methods import accept_past_key_values, fix_prompt_pooling
-
-            _check_adapter_config(adapter_dir)
-            if method == "prefix_tuning":
-                accept_past_key_values(model)
-            try:
-                model = PeftModel.from_pretrained(model, str(adapter_dir))
-            except (SafetensorError, OSError) as exc:
-                raise PeftlabError(f"adapter weights in {adapter_dir} are unreadable ({str(exc)[:100]}): the file is "
-                                   f"truncated or corrupted; retrain or restore it") from None
-            except (RuntimeError, ValueError, KeyError) as exc:
-                first = str(exc).strip().splitlines()[0][:200]
-                raise PeftlabError(
-                    f"adapter {adapter_dir} does not fit base model {base!r} ({first}): load it on "
-                    f"the base model it was trained on ({meta['base_model']})"
-                ) from None
-            fix_prompt_pooling(model)
-        elif method in ("head", "bitfit"):
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            try:
-                state = load_file(adapter_dir / HEAD_FILE)
-            except (SafetensorError, OSError) as exc:
-                raise PeftlabError(f"adapter weights {adapter_dir / HEAD_FILE} are unreadable ({str(exc)[:100]}): "
-                                   f"the file is truncated or corrupted; retrain or restore it") from None
-            result = model.load_state_dict(state, strict=False)
-            if result.unexpected_keys:
-                raise PeftlabError(f"head weights in {adapter_dir} do not fit {base!r}")
+        if spec.artifact == "peft":
+            model = _load_peft(model, adapter_dir, spec, base, meta["base_model"])
         else:
-            raise PeftlabError(f"{adapter_dir}: unknown method {method!r} in {META_FILE}")
+            _load_head(model, adapter_dir, base)
     model.eval()
     return model, tokenizer, meta
+
+
+def _method_spec(meta: dict) -> MethodSpec:
+    """The registry entry of the method recorded in `meta` (read_meta's), or a PeftlabError."""
+    method = meta["method"].get("name") if isinstance(meta["method"], dict) else None
+    if method not in METHODS:
+        raise PeftlabError(f"{meta['_dir']}: unknown method {method!r} in {META_FILE}: it was written by another "
+                           f"peftlab version or edited; retrain or restore it")
+    return METHODS[method]
+
+
+def _load_peft(model, adapter_dir: Path, spec: MethodSpec, base: str, trained_on: str):
+    """`model` with the peft adapter in `adapter_dir` applied (and prompt pooling fixed)."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    from peftlab.methods.prompt import accept_past_key_values, fix_prompt_pooling
+
+    _check_adapter_config(adapter_dir)
+    if spec.past_key_values:
+        accept_past_key_values(model)
+    try:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (SafetensorError, OSError) as exc:
+        raise PeftlabError(f"adapter weights in {adapter_dir} are unreadable ({str(exc)[:100]}): the file is "
+                           f"truncated or corrupted; retrain or restore it") from None
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise PeftlabError(
+            f"adapter {adapter_dir} does not fit base model {base!r} ({first}): load it on "
+            f"the base model it was trained on ({trained_on})"
+        ) from None
+    fix_prompt_pooling(model)
+    return model
+
+
+def _load_head(model, adapter_dir: Path, base: str) -> None:
+    """Put the weights in `adapter_dir`'s head.safetensors (head, biases) into `model`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(adapter_dir / HEAD_FILE)
+    except (SafetensorError, OSError) as exc:
+        raise PeftlabError(f"adapter weights {adapter_dir / HEAD_FILE} are unreadable ({str(exc)[:100]}): "
+                           f"the file is truncated or corrupted; retrain or restore it") from None
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise PeftlabError(f"head weights in {adapter_dir} do not fit {base!r}")
 
 
 def _check_base(meta: dict, base: str, fingerprint: str) -> None:
@@ -258,11 +277,10 @@ def export_merged(adapter_dir: Path, out_dir: Path, *, overwrite: bool = False, 
     Raises PeftlabError for methods that cannot merge (prompt methods add virtual tokens
     at every call), quantized bases, or an existing `out_dir` without `overwrite`.
     """
-    from peftlab.methods import mergeable
-
     meta = read_meta(adapter_dir)
-    method = meta["method"]["name"]
-    if not mergeable(method):
+    spec = _method_spec(meta)
+    method = spec.name
+    if not spec.mergeable:
         raise PeftlabError(
             f"{method} adapters cannot be merged into the base weights (their virtual tokens are added at "
             f"every call): use the adapter as it is (peftlab predict, or PeftModel.from_pretrained)"

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from peftlab.errors import PeftlabError
+from peftlab.methods.registry import METHODS
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -159,26 +160,17 @@ class ModelConfig:
         return out
 
 
-# LoRA and the variants that change only its configuration (peft's LoraConfig).
-LORA_METHODS = ("lora", "dora", "rslora", "pissa", "olora", "loftq", "lora_plus", "qlora")
-# Methods that prepend learned (virtual) tokens instead of changing weights; they cannot merge.
-PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")
-PEFT_METHODS = LORA_METHODS + ("adalora", "ia3", "loha", "lokr", "vera", "boft", "oft") + PROMPT_METHODS
-# Methods that train a subset of the model's own weights (no peft wrapper).
-NATIVE_METHODS = ("full", "head", "bitfit")
-METHODS = PEFT_METHODS + NATIVE_METHODS
-
-
 @dataclass
 class MethodConfig:
     """How the model is adapted."""
 
     name: str = _f(
         "lora",
-        "Fine-tuning method: lora, dora, rslora, pissa, olora, loftq, lora_plus, qlora, adalora, "
-        "ia3, loha, lokr, vera, boft, oft, prompt_tuning, prefix_tuning, p_tuning (peft adapters, "
-        "head always trained); bitfit (biases + head), head (head only: a linear probe) or full "
-        "(every weight). `peftlab methods` lists them with their parameter counts.",
+        "Fine-tuning method: "
+        + ", ".join(name for name, spec in METHODS.items() if spec.peft_config is not None)
+        + " (peft adapters, head always trained); "
+        + "; ".join(f"{name}: {spec.about}" for name, spec in METHODS.items() if spec.peft_config is None)
+        + ". `peftlab methods` lists them with their parameter counts.",
     )
     r: int = _f(
         8,
@@ -211,7 +203,7 @@ class MethodConfig:
     def problems(self) -> list[str]:
         out = []
         if self.name not in METHODS:
-            hint = difflib.get_close_matches(self.name, METHODS, n=1)
+            hint = difflib.get_close_matches(self.name, list(METHODS), n=1)
             fix = f"did you mean {hint[0]!r}?" if hint else f"choose one of {', '.join(METHODS)}"
             out.append(f"method.name={self.name!r} is not a known method: {fix}")
         for name in ("r", "adalora_init_r", "vera_r", "num_virtual_tokens", "encoder_hidden_size"):
@@ -244,14 +236,14 @@ class TrainConfig:
     eval_batch_size: int = _f(64, "Evaluation batch size.")
     lr: float | None = _f(
         None,
-        "Peak learning rate; default per method (config.DEFAULT_LR): 1e-3 for most of the lora "
+        "Peak learning rate; default per method (its `lr` in peftlab.methods.registry): 1e-3 for most of the lora "
         "family and bitfit, 5e-3 to 3e-2 for adalora/loha/lokr/vera/ia3/prompt methods, 5e-5 "
         "for full, 1e-1 for head.",
     )
     head_lr: float | None = _f(
         None,
         "Learning rate of the classification head, which starts from random weights; default: "
-        "lr, except 1e-1 for bitfit, prompt_tuning and p_tuning (config.DEFAULT_HEAD_LR), which "
+        "lr, except 1e-1 for bitfit, prompt_tuning and p_tuning (their registry `head_lr`), which "
         "change the features too little for a head trained at their own rate.",
     )
     batching: str = _f(
@@ -332,29 +324,6 @@ class TrainConfig:
         return out
 
 
-# Peak learning rates that work for each method (methods with fewer, scaling-style
-# parameters need larger steps); benchmarked in bench/methods.py.
-# Chosen on MiniLM + sms_spam (1,500 training messages, one epoch; bench/README.md): the
-# rate at which each method got off the all-ham plateau and trained to its best accuracy.
-DEFAULT_LR = {
-    **dict.fromkeys(LORA_METHODS + ("boft", "oft"), 1e-3),
-    "lora_plus": 5e-4,  # the LoRA+ paper halves the LoRA rate: B trains at 16x this
-    "adalora": 2e-2,
-    "loha": 5e-3,
-    "lokr": 1e-2,
-    "vera": 3e-2,
-    "ia3": 1e-2,
-    **dict.fromkeys(PROMPT_METHODS, 3e-2),
-    "full": 5e-5,
-    "bitfit": 1e-3,
-    "head": 1e-1,  # a linear probe: only 770 weights, all starting from random
-}
-# The head's own rate where it must differ from the method's (TrainConfig.head_lr): methods
-# that change the features only a little rely on the head, which starts from random weights.
-# On the subset above these stayed at all-ham with the head at the method's rate.
-DEFAULT_HEAD_LR = {"bitfit": 1e-1, "prompt_tuning": 1e-1, "p_tuning": 1e-1}
-
-
 @dataclass
 class RunConfig:
     """One experiment: data, model, method and training, plus where results go."""
@@ -372,8 +341,9 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Collect every problem, then raise once (so the user fixes them in one go)."""
         problems = []
-        if self.method.name == "qlora" and self.model.quantization == "none":
-            self.model.quantization = "4bit"
+        spec = METHODS.get(self.method.name)  # None: reported by MethodConfig.problems
+        if spec is not None and self.model.quantization == "none":
+            self.model.quantization = spec.quantization
         for name, section in (("data", self.data), ("model", self.model), ("method", self.method),
                               ("train", self.train)):
             # NaN passes every range check (each comparison is False), so finiteness comes first.
@@ -389,7 +359,7 @@ class RunConfig:
             problems.append("validation_size (model selection) needs engine=native")
         if self.train.early_stopping_patience and not self.data.validation_size:
             problems.append("early_stopping_patience needs a validation split: set validation_size=0.1")
-        if self.model.quantization != "none" and self.method.name not in LORA_METHODS + ("adalora",):
+        if self.model.quantization != "none" and (spec is None or spec.family not in ("lora", "adalora")):
             problems.append(f"model.quantization={self.model.quantization} needs a LoRA-family method "
                             f"(e.g. method=qlora), not {self.method.name}")
         if problems:
@@ -398,13 +368,20 @@ class RunConfig:
 
     @property
     def lr(self) -> float:
-        return self.train.lr if self.train.lr is not None else DEFAULT_LR[self.method.name]
+        return self.train.lr if self.train.lr is not None else METHODS[self.method.name].lr
 
     @property
     def head_lr(self) -> float:
         if self.train.head_lr is not None:
             return self.train.head_lr
-        return DEFAULT_HEAD_LR.get(self.method.name, self.lr)
+        default = METHODS[self.method.name].head_lr
+        return default if default is not None else self.lr
+
+    @property
+    def b_lr_ratio(self) -> float | None:
+        """LoRA+: the LoRA B matrices train at lr x this; None: at lr, as every other weight."""
+        field_name = METHODS[self.method.name].b_lr_ratio_field
+        return getattr(self.method, field_name) if field_name else None
 
     @property
     def data_dir(self) -> str | None:

@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,15 +17,16 @@ import torch
 
 from peftlab import artifacts, files, rundir
 from peftlab.config import DataConfig, ModelConfig, RunConfig
-from peftlab.data import DataBundle, PadCollator, load_data, tokenize
+from peftlab.data import DataBundle, PadCollator, load_data, tokenize, tokenize_split
+from peftlab.engines import get_engine
+from peftlab.engines.native import evaluate, predict_logits
 from peftlab.errors import Interrupted, PeftlabError
-from peftlab.evaluate import evaluate, predict_logits
 from peftlab.methods import apply_method, count_parameters
 from peftlab.metrics import compute_metrics, softmax
 from peftlab.models import base_fingerprint, head_module_names, load_model, set_model_dropout
 from peftlab.report import markdown, model_card, write_html_report
+from peftlab.results import TrainSummary
 from peftlab.runtime import cpu_description, distributed_state, resolve_device, resolve_precision
-from peftlab.train import predict_logits_trainer, train_native, train_with_trainer
 
 log = logging.getLogger("peftlab")
 
@@ -65,17 +67,15 @@ def _main_decides(fn):
     return value
 
 
-def _eval(model, dataset, collator, bundle: DataBundle, cfg: RunConfig, precision: str, work_dir: Path,
+def _eval(engine, model, dataset, collator, bundle: DataBundle, cfg: RunConfig, precision: str, run_dir: Path,
           desc: str) -> tuple[dict, np.ndarray]:
-    """Evaluate with the configured engine; metrics are computed the same way for both."""
-    if cfg.train.engine == "trainer":
-        start = time.perf_counter()
-        logits = predict_logits_trainer(model, dataset, collator, cfg, precision, work_dir)
-        metrics = compute_metrics(logits, dataset.labels, bundle.label_names)
-        metrics["eval_seconds"] = time.perf_counter() - start
-        metrics["eval_samples_per_s"] = len(dataset) / metrics["eval_seconds"]
-        return metrics, logits
-    return evaluate(model, dataset, collator, bundle.label_names, cfg.train.eval_batch_size, precision, desc)
+    """Logits from the run's engine; metrics computed the same way for every engine."""
+    start = time.perf_counter()
+    logits = engine.predict_logits(model, dataset, collator, cfg, precision, run_dir, desc)
+    metrics = compute_metrics(logits, dataset.labels, bundle.label_names)
+    metrics["eval_seconds"] = time.perf_counter() - start
+    metrics["eval_samples_per_s"] = len(dataset) / max(metrics["eval_seconds"], 1e-9)
+    return metrics, logits
 
 
 def _log_metrics(what: str, metrics: dict) -> None:
@@ -141,17 +141,21 @@ def _record_failure(run_dir: Path, exc: BaseException, fresh: bool) -> None:
         log.warning("could not write %s", run_dir / "FAILED.txt")
 
 
-def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None,
-         resume: bool, main: bool) -> dict:
-    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    wall_start = time.perf_counter()
-    if cfg.train.tensorboard or cfg.train.mlflow:
-        from peftlab.tracking import check_installed
+@dataclass
+class _Loaded:
+    """The base model and what goes with it, placed on its device."""
 
-        check_installed(cfg)  # before training, not after it
-    # 1-2. data, then model (seeded: the new head's initialisation depends on it)
-    if bundle is None:
-        bundle = load_data(cfg.data, cfg.data_dir)
+    model: torch.nn.Module
+    tokenizer: object
+    source: object
+    device: torch.device
+    precision: str
+    collator: PadCollator
+
+
+def _load(cfg: RunConfig, bundle: DataBundle) -> _Loaded:
+    """The model with a fresh head (seeded: its initialisation depends on it), on the
+    configured device (each process its own, when distributed), and the precision."""
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.model.device)
     model, tokenizer, source = load_model(cfg.model, len(bundle.label_names), bundle.label_names)
@@ -162,62 +166,46 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         device = state.device  # each process its own GPU (or the CPU)
     if cfg.model.quantization == "none":  # bitsandbytes places quantized weights itself
         model.to(device)
-    precision = resolve_precision(cfg.train.precision, device)
-    collator = PadCollator(tokenizer.pad_token_id, tokenizer.padding_side)
-    token_options = {"truncation": cfg.data.truncation, "cache": cfg.data.token_cache}
-    train_ds = tokenize(tokenizer, bundle.train_texts, bundle.train_labels, cfg.data.max_length,
-                        pairs=bundle.train_pairs, **token_options)
-    test_ds = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, cfg.data.max_length,
-                       pairs=bundle.test_pairs, **token_options)
+    return _Loaded(model, tokenizer, source, device, resolve_precision(cfg.train.precision, device),
+                   PadCollator(tokenizer.pad_token_id, tokenizer.padding_side))
+
+
+def _tokenize(tokenizer, bundle: DataBundle, cfg: RunConfig):
+    """Train, test and (if any) validation sets as token ids; truncation counts go to the facts."""
+    train_ds = tokenize_split(tokenizer, bundle.train, cfg.data)
+    test_ds = tokenize_split(tokenizer, bundle.test, cfg.data)
     bundle.facts.update(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
                         truncated_train=train_ds.truncated, truncated_test=test_ds.truncated)
+    val_ds = tokenize_split(tokenizer, bundle.validation, cfg.data) if bundle.validation else None
+    return train_ds, test_ds, val_ds
 
-    val_ds = tokenize(tokenizer, bundle.val_texts, bundle.val_labels, cfg.data.max_length, pairs=bundle.val_pairs,
-                      **token_options) if bundle.val_texts else None
-    work_dir = run_dir / "trainer"
-    fingerprint = base_fingerprint(model)
 
-    # 3. baseline: the pretrained model with its untrained head (kept on disk for --resume)
-    base_metrics, base_logits = None, None  # a resumed run's baseline has metrics only
-    baseline_path = run_dir / "baseline.json"
-    if baseline and resume and baseline_path.is_file():
-        base_metrics = json.loads(baseline_path.read_text())
-    elif baseline:
-        base_metrics, base_logits = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "baseline")
-        _log_metrics("baseline", base_metrics)
-        if main:
-            files.write_json_atomic(baseline_path, base_metrics)
+def _baseline(engine, loaded: _Loaded, test_ds, bundle, cfg, run_dir: Path, resume: bool, main: bool):
+    """The pretrained model with its untrained head: (metrics, logits); kept on disk, so a
+    resumed run reads its metrics instead (and has no logits)."""
+    path = run_dir / "baseline.json"
+    if resume and path.is_file():
+        return json.loads(path.read_text()), None
+    metrics, logits = _eval(engine, loaded.model, test_ds, loaded.collator, bundle, cfg, loaded.precision, run_dir,
+                            "baseline")
+    _log_metrics("baseline", metrics)
+    if main:
+        files.write_json_atomic(path, metrics)
+    return metrics, logits
 
-    # 4-5. adapt and train
-    heads = head_module_names(model)
-    model = apply_method(model, cfg.method)
-    trainable, total = count_parameters(model)
-    if cfg.train.engine == "trainer":
-        train_summary = train_with_trainer(model, train_ds, collator, cfg, precision, work_dir,
-                                           run_dir / "metrics.jsonl")
-    else:
-        def validate(m):
-            return evaluate(m, val_ds, collator, bundle.label_names, cfg.train.eval_batch_size, precision,
-                            "validation")[0]
 
-        train_summary = train_native(model, train_ds, collator, cfg, precision, run_dir / "metrics.jsonl",
-                                     checkpoint_dir=run_dir / "checkpoints", resume=resume,
-                                     validate=validate if val_ds is not None else None)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    if not np.isfinite(train_summary["final_loss"]):
-        raise PeftlabError(
-            f"training diverged (loss {train_summary['final_loss']}): lower the learning rate (lr=...)"
-        )
+def _check_trained(model, summary: TrainSummary) -> None:
+    """A run whose loss or weights are not finite must fail, not save them as a result."""
+    if not np.isfinite(summary.final_loss):
+        raise PeftlabError(f"training diverged (loss {summary.final_loss}): lower the learning rate (lr=...)")
     _check_finite_weights(model)
-    tuned_metrics, tuned_logits = _eval(model, test_ds, collator, bundle, cfg, precision, work_dir, "fine-tuned")
-    _log_metrics("fine-tuned", tuned_metrics)
-    if not np.isfinite(tuned_metrics["loss"]):
-        raise PeftlabError(f"the fine-tuned model's test loss is {tuned_metrics['loss']}: its outputs are not finite; "
-                           f"lower the learning rate (lr=...) and train again")
 
-    # 6. save the adapter (trainable weights + head) as one self-describing unit
-    adapter_dir = run_dir / "adapter"
-    meta = {
+
+def _adapter_meta(cfg: RunConfig, bundle: DataBundle, loaded: _Loaded, model, heads: list[str], fingerprint: str,
+                  metrics: dict, started: str) -> dict:
+    """peftlab.json: what the adapter is, what it was trained on, and how well it did."""
+    source = loaded.source
+    return {
         # Aliases and Hub ids as given; local paths made absolute, so the adapter loads from anywhere.
         "base_model": cfg.model.name if source.kind in ("alias", "hub") else str(Path(cfg.model.name).resolve()),
         "base_model_class": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
@@ -232,34 +220,76 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "truncation": cfg.data.truncation,
         "data": {"dataset": cfg.data.dataset, "fingerprint": bundle.fingerprint, "source": bundle.source,
                  "text_pair_column": cfg.data.text_pair_column},
-        "metrics": {k: tuned_metrics[k] for k in ("loss", "accuracy", "macro_f1")},
-        "trainable_params": trainable,
+        "metrics": {k: metrics[k] for k in ("loss", "accuracy", "macro_f1")},
+        "trainable_params": count_parameters(model)[0],
         "created": started,
     }
-    if main:
-        artifacts.save_adapter(model, adapter_dir, meta, tokenizer)
-    state.wait_for_everyone()
 
+
+def _reload(engine, adapter_dir: Path, loaded: _Loaded, test_ds, bundle, cfg, run_dir: Path,
+            tuned_logits: np.ndarray) -> tuple[dict, dict]:
+    """Load the saved adapter into a fresh base model and evaluate it the same way: its
+    metrics, and whether it predicts as the in-memory model did."""
+    reloaded, _, _ = artifacts.load_adapter(adapter_dir, dtype=cfg.model.dtype,
+                                            trust_remote_code=cfg.model.trust_remote_code,
+                                            allow_pickle=cfg.model.allow_pickle)
+    if cfg.model.quantization == "none":
+        reloaded.to(loaded.device)
+    metrics, logits = _eval(engine, reloaded, test_ds, loaded.collator, bundle, cfg, loaded.precision, run_dir,
+                            "reloaded")
+    _log_metrics("reloaded", metrics)
+    diff = float(np.abs(logits - tuned_logits).max()) if len(tuned_logits) else 0.0
+    same = bool((logits.argmax(1) == tuned_logits.argmax(1)).all())
+    if not same:
+        log.warning("the reloaded adapter predicts differently from the in-memory model "
+                    "(max logit difference %.3g)", diff)
+    return metrics, {"predictions_equal": same, "max_abs_logit_diff": diff}
+
+
+def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None,
+         resume: bool, main: bool) -> dict:
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    wall_start = time.perf_counter()
+    if cfg.train.tensorboard or cfg.train.mlflow:
+        from peftlab.tracking import check_installed
+
+        check_installed(cfg)  # before training, not after it
+    # 1-2. data, then model
+    bundle = bundle if bundle is not None else load_data(cfg.data, cfg.data_dir)
+    loaded = _load(cfg, bundle)
+    train_ds, test_ds, val_ds = _tokenize(loaded.tokenizer, bundle, cfg)
+    engine, collator, precision = get_engine(cfg.train.engine), loaded.collator, loaded.precision
+    # 3. baseline: the pretrained model with its untrained head
+    base_metrics, base_logits = _baseline(engine, loaded, test_ds, bundle, cfg, run_dir, resume, main) \
+        if baseline else (None, None)
+    # 4-5. adapt and train
+    heads, fingerprint = head_module_names(loaded.model), base_fingerprint(loaded.model)
+    model = apply_method(loaded.model, cfg.method)
+    del loaded.model  # the adapted model replaces it (and the reload check loads a fresh one)
+
+    def validate(m):
+        return evaluate(m, val_ds, collator, bundle.label_names, cfg.train.eval_batch_size, precision, "validation")[0]
+
+    summary = engine.train(model, train_ds, collator, cfg, precision, run_dir, resume=resume,
+                           validate=validate if val_ds is not None else None)
+    _check_trained(model, summary)
+    tuned_metrics, tuned_logits = _eval(engine, model, test_ds, collator, bundle, cfg, precision, run_dir, "fine-tuned")
+    _log_metrics("fine-tuned", tuned_metrics)
+    if not np.isfinite(tuned_metrics["loss"]):
+        raise PeftlabError(f"the fine-tuned model's test loss is {tuned_metrics['loss']}: its outputs are not finite; "
+                           f"lower the learning rate (lr=...) and train again")
+    # 6. save the adapter (trainable weights + head) as one self-describing unit
+    adapter_dir = run_dir / "adapter"
+    meta = _adapter_meta(cfg, bundle, loaded, model, heads, fingerprint, tuned_metrics, started)
+    total = count_parameters(model)[1]
+    if main:
+        artifacts.save_adapter(model, adapter_dir, meta, loaded.tokenizer)
+    distributed_state().wait_for_everyone()
     # 7-8. load it back into a fresh base model and evaluate it the same way
-    report_reloaded, reload_check = None, None
+    reloaded, reload_check = None, None
     if reload:
         del model
-        reloaded, _, _ = artifacts.load_adapter(adapter_dir, dtype=cfg.model.dtype,
-                                                trust_remote_code=cfg.model.trust_remote_code,
-                                                allow_pickle=cfg.model.allow_pickle)
-        if cfg.model.quantization == "none":
-            reloaded.to(device)
-        report_reloaded, reloaded_logits = _eval(reloaded, test_ds, collator, bundle, cfg, precision,
-                                                 work_dir, "reloaded")
-        _log_metrics("reloaded", report_reloaded)
-        diff = float(np.abs(reloaded_logits - tuned_logits).max()) if len(tuned_logits) else 0.0
-        same = bool((reloaded_logits.argmax(1) == tuned_logits.argmax(1)).all())
-        reload_check = {"predictions_equal": same, "max_abs_logit_diff": diff}
-        if not same:
-            log.warning("the reloaded adapter predicts differently from the in-memory model "
-                        "(max logit difference %.3g)", diff)
-        shutil.rmtree(work_dir, ignore_errors=True)
-
+        reloaded, reload_check = _reload(engine, adapter_dir, loaded, test_ds, bundle, cfg, run_dir, tuned_logits)
     report = {
         "name": cfg.name,
         "run_dir": str(run_dir),
@@ -269,33 +299,38 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "data": bundle.facts,
         "label_names": bundle.label_names,
         "model": {"name": cfg.model.name, "class": meta["base_model_class"], "total_params": total},
-        "method": {"name": cfg.method.name, "trainable_params": trainable, "total_params": total},
+        "method": {"name": cfg.method.name, "trainable_params": meta["trainable_params"], "total_params": total},
         "baseline": base_metrics,
         "finetuned": tuned_metrics,
-        "reloaded": report_reloaded,
+        "reloaded": reloaded,
         "reload_check": reload_check,
-        "train": train_summary,
+        "train": summary.to_dict(),
         "adapter": {"dir": str(adapter_dir), "size_bytes": files.dir_size(adapter_dir)},
-        "resources": _resources(time.perf_counter() - wall_start, device),
+        "resources": _resources(time.perf_counter() - wall_start, loaded.device),
         "versions": artifacts.package_versions(),
     }
     if main:
-        # peft's save_pretrained leaves a placeholder README.md; replace it with a real card.
-        files.write_text_atomic(adapter_dir / "README.md", model_card(report))
-        report["adapter"]["size_bytes"] = files.dir_size(adapter_dir)
-        files.write_text_atomic(run_dir / "report.md", markdown(report))
-        write_html_report(report, run_dir, {"baseline": base_logits, "fine-tuned": tuned_logits},
-                          bundle.test_texts, bundle.test_labels)
-        files.write_json_atomic(run_dir / "report.json", report)  # last: it marks the run finished
-        if cfg.train.tensorboard or cfg.train.mlflow:
-            from peftlab.tracking import write_trackers
-
-            write_trackers(cfg, run_dir, report)
-        # The adapter holds the result; checkpoints only served to resume this run.
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    state.wait_for_everyone()
+        _write_report(report, cfg, run_dir, {"baseline": base_logits, "fine-tuned": tuned_logits}, bundle)
+    distributed_state().wait_for_everyone()
     log.info("wrote %s", run_dir / "report.md")
     return report
+
+
+def _write_report(report: dict, cfg: RunConfig, run_dir: Path, logits: dict, bundle: DataBundle) -> None:
+    """The model card, report.md, report.html, then report.json (last: it marks the run
+    finished) and the trackers; the checkpoints, which only served to resume, go."""
+    adapter_dir = Path(report["adapter"]["dir"])
+    # peft's save_pretrained leaves a placeholder README.md; replace it with a real card.
+    files.write_text_atomic(adapter_dir / "README.md", model_card(report))
+    report["adapter"]["size_bytes"] = files.dir_size(adapter_dir)
+    files.write_text_atomic(run_dir / "report.md", markdown(report))
+    write_html_report(report, run_dir, logits, bundle.test.texts, bundle.test.labels)
+    files.write_json_atomic(run_dir / "report.json", report)
+    if cfg.train.tensorboard or cfg.train.mlflow:
+        from peftlab.tracking import write_trackers
+
+        write_trackers(cfg, run_dir, report)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def _check_finite_weights(model) -> None:
@@ -349,8 +384,7 @@ def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir:
     device = resolve_device()
     model.to(device)
     precision = resolve_precision(precision, device)
-    dataset = tokenize(tokenizer, bundle.test_texts, bundle.test_labels, data_cfg.max_length,
-                       pairs=bundle.test_pairs, truncation=data_cfg.truncation, cache=data_cfg.token_cache)
+    dataset = tokenize_split(tokenizer, bundle.test, data_cfg)
     bundle.facts.update(max_length=data_cfg.max_length, truncation=data_cfg.truncation,
                         truncated_test=dataset.truncated)
     metrics, _ = evaluate(model, dataset, PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),

@@ -129,10 +129,10 @@ def run_sweep(base: RunConfig, grid: dict[str, list], sweep_name: str) -> list[d
 def _resumable(cfg: RunConfig, run_dir: Path) -> bool:
     """Whether `run_dir` holds a killed run of exactly this config with a checkpoint to
     continue from (the native engine's; the Trainer engine keeps none)."""
+    from peftlab import checkpoint
     from peftlab.config import load_config
-    from peftlab.train import CHECKPOINT_STATE
 
-    if cfg.train.engine != "native" or not (run_dir / "checkpoints" / "last" / CHECKPOINT_STATE).is_file():
+    if cfg.train.engine != "native" or not (run_dir / "checkpoints" / "last" / checkpoint.STATE).is_file():
         return False
     try:
         saved = load_config(run_dir / "config.yaml")

@@ -1,0 +1,378 @@
+"""peftlab's own training loop (on accelerate) and its batched prediction.
+
+`train` sets up in dependency order (accelerator, batches, optimizer and schedule, resumed
+state), then runs the loop: one step per batch, then logging, validation and checkpointing
+as named helpers of `_Loop`. A run resumed from its checkpoint continues exactly: the
+same batch order and the same dropout masks as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from peftlab import checkpoint
+from peftlab.checkpoint import TrainState
+from peftlab.config import RunConfig
+from peftlab.data import LengthGroupedBatchSampler, PadCollator, TokenizedDataset, label_skew
+from peftlab.errors import PeftlabError
+from peftlab.methods import prepare_step_hook
+from peftlab.metrics import append_metrics_log, compute_metrics
+from peftlab.optim import build_optimizer, linear_schedule
+from peftlab.results import TrainSummary
+from peftlab.runtime import autocast, gather_objects
+
+log = logging.getLogger("peftlab")
+
+
+def training_sampler(dataset: TokenizedDataset, batch_size: int, seed: int,
+                     batching: str = "auto") -> LengthGroupedBatchSampler:
+    """The training batch sampler for `batching` (TrainConfig.batching); `auto` resolved
+    from the data itself and logged."""
+    if batching == "auto" and dataset.labels is not None:
+        length = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed)
+        random = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed, window=1)
+        grouped_skew, random_skew = label_skew(length.batches(), dataset.labels), label_skew(random.batches(),
+                                                                                             dataset.labels)
+        # Length-grouped batches that mix the classes clearly worse than random ones would
+        # mean length predicts the label; within-class grouping then keeps every batch mixed.
+        batching = "stratified" if grouped_skew > 1.25 * random_skew else "length"
+        log.info("batching: %s (label skew of length-grouped batches %.3f vs %.3f for random ones%s)", batching,
+                 grouped_skew, random_skew, ": length predicts the label here" if batching == "stratified" else "")
+    elif batching == "auto":
+        batching = "length"
+    if batching == "stratified" and dataset.labels is None:
+        raise PeftlabError("batching=stratified needs labelled training data")
+    return LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed,
+                                     window=1 if batching == "random" else 50,
+                                     labels=dataset.labels if batching == "stratified" else None)
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) during training: finish the step, save a checkpoint, then stop; a
+    second Ctrl-C stops at once. A KeyboardInterrupt mid-step would leave the optimizer
+    half-updated, so the first one only sets a flag that the loop reads between steps."""
+
+    def __enter__(self):
+        self.requested = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: SIGINT stays as it was
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupted: finishing this step and saving a checkpoint (Ctrl-C again stops at once)")
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+@dataclass
+class _Setup:
+    """What the loop runs on, built by `_set_up`."""
+
+    accelerator: object
+    model: torch.nn.Module  # prepared (and compiled, with train.compile) for training
+    plain: torch.nn.Module  # the same weights unwrapped: checkpoints and validation use it
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: LengthGroupedBatchSampler
+    loader: object
+    steps_per_epoch: int
+    total: int
+    warmup: int
+
+
+def _set_up(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig, precision: str) -> _Setup:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    tc = cfg.train
+    set_seed(tc.seed)
+    # split_batches: the sampler yields global batches of `batch_size`, and each of N
+    # processes gets 1/N of every batch, so the run sees the same batches on any N.
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
+                              cpu=next(model.parameters()).device.type == "cpu",
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    world = accelerator.num_processes
+    if tc.batch_size % world:
+        raise PeftlabError(f"batch_size={tc.batch_size} does not split over {world} processes: use a multiple of {world}")
+    if world > 1:
+        log.info("distributed: %d processes x %d examples = global batch %d", world, tc.batch_size // world,
+                 tc.batch_size)
+    sampler = training_sampler(dataset, tc.batch_size, tc.seed, tc.batching)
+    # A private generator: otherwise each new epoch iterator draws its base seed from the
+    # global RNG, shifting the dropout masks that exact --resume must reproduce.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+                                         generator=torch.Generator().manual_seed(tc.seed))
+    total = math.ceil(tc.epochs * len(sampler))
+    total = min(total, tc.max_steps) if tc.max_steps else total
+    warmup = max(1, int(tc.warmup_ratio * total))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = linear_schedule(optimizer, warmup, total)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    plain = accelerator.unwrap_model(model)
+    if tc.compile:
+        # Only the training forward/backward is compiled; checkpoints and evaluation use `plain`.
+        # dynamic=True: batch lengths vary, and one graph per length would recompile each time.
+        model = torch.compile(model, dynamic=True)
+    return _Setup(accelerator, model, plain, optimizer, scheduler, sampler, loader, len(sampler), total, warmup)
+
+
+def _resume(run: _Setup, cfg: RunConfig, checkpoint_dir: Path | None, metrics_path: Path | None) -> TrainState:
+    """The state of the last checkpoint, restored into model, optimizer, scheduler and RNG;
+    metrics logged after it are dropped (those steps run again)."""
+    last = checkpoint_dir / "last" if checkpoint_dir is not None else None
+    if last is None or not (last / checkpoint.STATE).is_file():
+        raise PeftlabError(f"nothing to resume: no checkpoint in {checkpoint_dir}; run without --resume")
+    checkpoint.check_resume_config(last, cfg.to_dict())
+    state = checkpoint.load(last, run.plain, run.optimizer, run.scheduler, run.accelerator.process_index)
+    state.config = cfg.to_dict()
+    log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
+    if metrics_path and metrics_path.is_file() and run.accelerator.is_main_process:
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if json.loads(line).get("step", 0) <= state.step]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    return state
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+class _Loop:
+    """The training loop's state between steps, and what it does besides stepping."""
+
+    def __init__(self, run: _Setup, cfg: RunConfig, state: TrainState, metrics_path: Path | None,
+                 checkpoint_dir: Path | None, validate: Callable | None):
+        self.run, self.tc, self.state = run, cfg.train, state
+        self.metrics_path, self.checkpoint_dir, self.validate_fn = metrics_path, checkpoint_dir, validate
+        self.world, self.main = run.accelerator.num_processes, run.accelerator.is_main_process
+        self.after_step = prepare_step_hook(run.plain, run.total)
+        # Reading the loss or the token count would sync host and device every step: keep
+        # detached sums and read them only when logging, checkpointing or validating.
+        self.running, self.running_n, self.unread_tokens = None, 0, None
+        self.elapsed_before, self.start = state.elapsed, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
+
+    def step(self, batch: dict) -> None:
+        """One optimizer step on `batch`, and the counters that follow it."""
+        run, state = self.run, self.state
+        # forward/backward (autocast comes from accelerate's mixed_precision)
+        loss = run.model(**batch).loss
+        run.accelerator.backward(loss)
+        # clip, step, schedule
+        if self.tc.max_grad_norm:
+            run.accelerator.clip_grad_norm_(run.model.parameters(), self.tc.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        if self.after_step is not None:  # AdaLoRA: needs this step's gradients, so before zero_grad
+            self.after_step(state.step + 1)
+        run.optimizer.zero_grad(set_to_none=True)
+        self.running = loss.detach().float() if self.running_n == 0 else self.running + loss.detach().float()
+        self.running_n += 1
+        state.step += 1
+        state.batch_in_epoch += 1
+        state.samples += batch["input_ids"].shape[0] * self.world  # this process holds 1/world
+        tokens = batch["attention_mask"].sum() * self.world  # stays on the device: no sync
+        self.unread_tokens = tokens if self.unread_tokens is None else self.unread_tokens + tokens
+        if state.batch_in_epoch == run.steps_per_epoch:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+
+    def log(self, bar) -> None:
+        """Log the mean loss since the last log; stop the run if it is not finite."""
+        run, state = self.run, self.state
+        # Each process holds the loss of its share of the batch: average them.
+        total = run.accelerator.reduce(self.running, reduction="mean") if self.world > 1 else self.running
+        mean = float(total) / self.running_n
+        self.running_n = 0
+        if not math.isfinite(mean):
+            last = self.checkpoint_dir / "last" if self.checkpoint_dir else None
+            kept = f"; the last good checkpoint is kept in {last}" if last and last.exists() else ""
+            raise PeftlabError(f"training loss became {mean} by step {state.step}: the run diverged{kept}; "
+                               f"lower the learning rate (lr=...) and start again")
+        entry = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 3), "loss": mean,
+                 "lr": run.scheduler.get_last_lr()[0], "samples_per_s": state.samples / self.elapsed()}
+        state.losses.append({"step": state.step, "loss": mean})
+        if self.main:
+            append_metrics_log(self.metrics_path, entry)
+        bar.set_postfix(loss=f"{mean:.4f}", lr=f"{entry['lr']:.2e}")
+        if bar.disable:
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", state.step, run.total, mean, entry["lr"],
+                     entry["samples_per_s"])
+
+    def validate(self) -> None:
+        """Evaluate on the validation split, keep the best checkpoint, decide early stopping."""
+        tc, state = self.tc, self.state
+        metrics = self.validate_fn(self.run.plain)
+        self.run.model.train()
+        value = metrics[tc.metric_for_best]
+        entry = {"step": state.step, **{f"val_{k}": metrics[k] for k in ("loss", "accuracy", "macro_f1")}}
+        state.validation.append(entry)
+        if self.main:
+            append_metrics_log(self.metrics_path, entry)
+        improved = _better(tc.metric_for_best, value, state.best)
+        log.info("validation at step %d: loss %.4f  accuracy %.4f  macro-F1 %.4f%s", state.step, metrics["loss"],
+                 metrics["accuracy"], metrics["macro_f1"], "  (best so far)" if improved else "")
+        if improved:
+            state.best, state.best_step, state.bad_rounds = value, state.step, 0
+            if self.checkpoint_dir is not None and self.main:
+                checkpoint.save(self.checkpoint_dir / "best", self.run.plain,
+                                {"step": state.step, tc.metric_for_best: value})
+            return
+        state.bad_rounds += 1
+        if tc.early_stopping_patience and state.bad_rounds >= tc.early_stopping_patience:
+            log.info("early stopping at step %d: no better %s for %d validation rounds (best %.4f at step %d)",
+                     state.step, tc.metric_for_best, state.bad_rounds, state.best, state.best_step)
+            state.early_stopped = True
+
+    def count_tokens(self) -> None:
+        if self.unread_tokens is not None:
+            self.state.tokens += int(self.unread_tokens)
+            self.unread_tokens = None
+
+    def checkpoint(self) -> None:
+        """Save `<checkpoint_dir>/last`: weights, optimizer, schedule, every process's RNG."""
+        self.count_tokens()
+        if self.checkpoint_dir is None:
+            return
+        # Every process has its own dropout RNG stream: collect them all for an exact resume.
+        rng_states = gather_objects(torch.get_rng_state())
+        if self.main:
+            self.state.elapsed = self.elapsed()
+            checkpoint.save(self.checkpoint_dir / "last", self.run.plain, self.state.to_dict(), self.run.optimizer,
+                            self.run.scheduler, rng_states)
+
+
+def train(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig, precision: str,
+          metrics_path: Path | None = None, *, checkpoint_dir: Path | None = None, resume: bool = False,
+          validate: Callable | None = None) -> TrainSummary:
+    """Train `model` in place; returns a TrainSummary.
+
+    With `checkpoint_dir`, checkpoints go to `<dir>/last` every `save_every` steps and at
+    each epoch end (and `<dir>/best` with a `validate` function), and `resume=True`
+    continues from `<dir>/last` exactly where it stopped. `validate(model) -> metrics` is
+    called every `eval_every` steps, or at each epoch end.
+    """
+    from accelerate.state import AcceleratorState
+
+    try:
+        return _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_dir, resume, validate)
+    finally:
+        # Each run builds its own Accelerator (possibly with another precision); drop the
+        # process-wide state so the next one may differ, also after a run that failed.
+        AcceleratorState._reset_state()
+
+
+def _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_dir, resume, validate) -> TrainSummary:
+    tc = cfg.train
+    run = _set_up(model, dataset, collator, cfg, precision)
+    state = _resume(run, cfg, checkpoint_dir, metrics_path) if resume else TrainState(config=cfg.to_dict())
+    head_lr = f", head lr {cfg.head_lr:.2g}" if cfg.head_lr != cfg.lr else ""
+    log.info("training: %d steps (%d per epoch, batch %d, lr %.2g%s, warmup %d), precision %s, %s", run.total,
+             run.steps_per_epoch, tc.batch_size, cfg.lr, head_lr, run.warmup, precision, run.accelerator.device)
+    loop = _Loop(run, cfg, state, metrics_path, checkpoint_dir, validate)
+    run.model.train()
+    bar = tqdm(total=run.total, initial=state.step, desc="train", disable=None if loop.main else True)
+    with _StopRequest() as interrupt, bar:
+        while state.step < run.total and not state.early_stopped:
+            # accelerate's loader re-sets the sampler's epoch from its own counter when iteration
+            # starts (one process) or not at all (several: the sampler sits inside its shard
+            # wrapper), so both are set here.
+            run.loader.set_epoch(state.epoch)
+            run.sampler.set_epoch(state.epoch)
+            run.sampler.skip = state.batch_in_epoch
+            for batch in run.loader:
+                loop.step(batch)
+                bar.update(1)
+                epoch_end, last = state.batch_in_epoch == 0, state.step == run.total
+                if state.step % tc.log_every == 0 or last or (epoch_end and loop.running_n):
+                    loop.log(bar)
+                if validate is not None and (last or (state.step % tc.eval_every == 0 if tc.eval_every else epoch_end)):
+                    loop.validate()
+                if (tc.save_every and state.step % tc.save_every == 0) or epoch_end or last or state.early_stopped \
+                        or interrupt.requested:
+                    loop.checkpoint()
+                if interrupt.requested:
+                    raise KeyboardInterrupt
+                if last or state.early_stopped:
+                    break
+    loop.count_tokens()
+    elapsed = loop.elapsed()
+    if validate is not None and tc.load_best and checkpoint_dir is not None and (checkpoint_dir / "best").exists() \
+            and state.best_step != state.step:
+        checkpoint.load_weights(checkpoint_dir / "best", run.plain)
+        log.info("loaded the best checkpoint (step %d, %s %.4f)", state.best_step, tc.metric_for_best, state.best)
+    run.accelerator.free_memory()
+    return TrainSummary(
+        engine="native", steps=state.step, epochs=state.step / run.steps_per_epoch, train_seconds=elapsed,
+        train_samples_per_s=state.samples / elapsed, train_tokens_per_s=state.tokens / elapsed,
+        final_loss=state.losses[-1]["loss"] if state.losses else float("nan"), precision=precision,
+        loss_history=state.losses, validation=state.validation, best_step=state.best_step,
+        early_stopped=state.early_stopped)
+
+
+@torch.inference_mode()
+def predict_logits(model, dataset: TokenizedDataset, collator: PadCollator, batch_size: int,
+                   precision: str = "fp32", desc: str = "eval") -> np.ndarray:
+    """Logits (float32, shape [n, num_labels]) in dataset order.
+
+    Batches are formed longest-first so each is padded only to its own longest text.
+    """
+    import torch.distributed as dist
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batches = list(LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False))
+    # Under several processes each evaluates every N-th batch and the logits are gathered:
+    # every example is counted exactly once, with no padding of the last shard.
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if distributed:
+        batches = batches[dist.get_rank()::dist.get_world_size()]
+    out = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
+    start = time.perf_counter()
+    with autocast(device, precision):
+        for indices in tqdm(batches, desc=desc, leave=False, disable=None):
+            batch = collator([dataset[i] for i in indices])
+            batch.pop("labels", None)
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+            out[indices] = logits.float().cpu().numpy()
+    if distributed:
+        mine = [i for b in batches for i in b]
+        for indices, logits in gather_objects((mine, out[mine])):
+            out[indices] = logits
+    log.debug("%s: %d examples in %.1fs", desc, len(dataset), time.perf_counter() - start)
+    model.train(was_training)
+    return out
+
+
+def evaluate(model, dataset: TokenizedDataset, collator: PadCollator, label_names: list[str],
+             batch_size: int, precision: str = "fp32", desc: str = "eval") -> tuple[dict, np.ndarray]:
+    """Metrics (with eval_seconds and eval_samples_per_s) and logits of `model` on a labelled dataset."""
+    start = time.perf_counter()
+    logits = predict_logits(model, dataset, collator, batch_size, precision, desc)
+    metrics = compute_metrics(logits, dataset.labels, label_names)
+    metrics["eval_seconds"] = time.perf_counter() - start
+    metrics["eval_samples_per_s"] = len(dataset) / max(metrics["eval_seconds"], 1e-9)
+    return metrics, logits

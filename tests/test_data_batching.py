@@ -1,0 +1,80 @@
+"""Batching: padding to a multiple of 8, length-grouped and stratified batches."""
+
+import numpy as np
+import pytest
+
+from peftlab.data import LengthGroupedBatchSampler, PadCollator, label_skew
+
+
+def test_length_grouped_batches_cover_every_example_once_per_epoch():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 200, size=1003).tolist()
+    sampler = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3, window=8)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        flat = [i for b in batches for i in b]
+        assert sorted(flat) == list(range(1003)), "each example exactly once"
+        assert len(batches) == len(sampler)
+        orders.append(flat)
+    assert orders[0] != orders[1], "a new order each epoch"
+    # Grouping works: padding waste is far below that of random batches.
+    def waste(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    random_batches = [list(range(i, min(i + 16, 1003))) for i in range(0, 1003, 16)]
+    assert waste(list(sampler)) < 0.3 * waste(random_batches)
+
+
+def _long_means_positive(n=1003, seed=0):
+    """Lengths that predict the label, as in SMS spam: 15% positives, all long."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.15).astype(int)
+    lengths = np.where(labels == 1, rng.integers(60, 200, n), rng.integers(1, 80, n))
+    return lengths.tolist(), labels.tolist()
+
+
+def test_stratified_batches_cover_every_example_once_and_keep_the_class_mix():
+    lengths, labels = _long_means_positive()
+    stratified = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3, labels=labels)
+    for epoch in range(2):
+        stratified.set_epoch(epoch)
+        flat = [i for b in stratified for i in b]
+        assert sorted(flat) == list(range(1003)), "each example exactly once"
+    stratified.set_epoch(0)
+    grouped = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3)
+    random = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3, window=1)
+    skews = {name: label_skew(s.batches(), labels) for name, s in
+             (("stratified", stratified), ("grouped", grouped), ("random", random))}
+    # Length grouping makes one-class batches here; stratified batches mix better than random.
+    assert skews["stratified"] < 0.5 * skews["random"] < 0.5 * skews["grouped"], skews
+    positives = [sum(labels[i] for i in b) for b in stratified.batches() if len(b) == 16]
+    assert min(positives) >= 1 and max(positives) <= 4  # 15% of 16 is 2.4
+
+
+def test_eval_batches_are_sorted_longest_first():
+    sampler = LengthGroupedBatchSampler([3, 9, 1, 7], batch_size=2, shuffle=False)
+    assert list(sampler) == [[1, 3], [0, 2]]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_collator_pads_to_multiple_of_8(side):
+    batch = PadCollator(pad_token_id=0, padding_side=side)([{"input_ids": [5] * 9, "labels": 1},
+                                                            {"input_ids": [6, 7], "labels": 0}])
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["attention_mask"].sum().item() == 11
+    row = batch["input_ids"][1].tolist()
+    assert (row[:2] == [6, 7]) if side == "right" else (row[-2:] == [6, 7])
+    assert batch["labels"].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collator_pads_segment_ids_with_zeros(side):
+    batch = PadCollator(pad_token_id=0, padding_side=side)([
+        {"input_ids": [5, 6, 7], "token_type_ids": [0, 1, 1]},
+        {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13], "token_type_ids": [0] * 4 + [1] * 5}])
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape == (2, 16)
+    row = batch["token_type_ids"][0].tolist()
+    assert row == ([0, 1, 1] + [0] * 13 if side == "right" else [0] * 13 + [0, 1, 1])
+    assert batch["token_type_ids"][1].sum() == 5
+
