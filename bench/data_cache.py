@@ -29,8 +29,11 @@ def timed_load(data_dir: str, tokenizer, max_length: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", default=os.environ.get("PEFTLAB_DATA_DIR"),
-                        help="Folder holding the imdb mirror (default $PEFTLAB_DATA_DIR).")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("PEFTLAB_DATA_DIR"),
+        help="Folder holding the imdb mirror (default $PEFTLAB_DATA_DIR).",
+    )
     parser.add_argument("--max-length", type=int, default=512)
     args = parser.parse_args()
     if not args.data_dir:
@@ -47,8 +50,10 @@ def main() -> None:
     from peftlab.runtime import cpu_description
 
     print(f"CPU: {cpu_description()}")
-    print(f"IMDB train: {len(fresh):,} reviews, {tokens:,} tokens at max_length {args.max_length} "
-          f"({fresh.truncated:,} truncated)")
+    print(
+        f"IMDB train: {len(fresh):,} reviews, {tokens:,} tokens at max_length {args.max_length} "
+        f"({fresh.truncated:,} truncated)"
+    )
     print(f"first  (tokenize, fill cache): {first:7.2f} s")
     print(f"second (read cache):           {second:7.2f} s")
     print(f"second / first: {second / first:.3f}  ({first / second:.1f}x faster; acceptance: <= 0.100)")

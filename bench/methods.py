@@ -36,28 +36,46 @@ def main() -> None:
     parser.add_argument("--max-train-samples", type=int, default=None)
     parser.add_argument("--max-eval-samples", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="Any further config override for every method (e.g. head_lr=0.1).")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Any further config override for every method (e.g. head_lr=0.1).",
+    )
     parser.add_argument("--output-dir", default=None, help="Where the runs go (default: a temporary folder).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="[%(name)s] %(message)s")
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="peftlab-bench-")
 
-    conditions = (f"model {args.model}, dataset {args.dataset} (train subset: {args.max_train_samples or 'all'}, "
-                  f"test subset: {args.max_eval_samples or 'all'}), {args.epochs:g} epoch(s), batch "
-                  f"{args.batch_size}, lr {args.lr or 'per-method default'}, seed 42, "
-                  + (f"overrides {' '.join(args.set)}, " if args.set else "")
-                  + f"CPU {cpu_description()}, torch {torch.__version__}, "
-                  f"threads {torch.get_num_threads()}"
-                  + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    conditions = (
+        f"model {args.model}, dataset {args.dataset} (train subset: {args.max_train_samples or 'all'}, "
+        f"test subset: {args.max_eval_samples or 'all'}), {args.epochs:g} epoch(s), batch "
+        f"{args.batch_size}, lr {args.lr or 'per-method default'}, seed 42, "
+        + (f"overrides {' '.join(args.set)}, " if args.set else "")
+        + f"CPU {cpu_description()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
+        + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    )
     print(conditions, flush=True)
-    header = f"| {'method':<14} | {'trainable':>11} | {'adapter MB':>10} | {'train s':>8} | {'lr':>7} | {'head lr':>7} | " \
-             f"{'accuracy':>8} | {'macro-F1':>8} | {'test n':>6} |"
+    header = (
+        f"| {'method':<14} | {'trainable':>11} | {'adapter MB':>10} | {'train s':>8} | {'lr':>7} | {'head lr':>7} | "
+        f"{'accuracy':>8} | {'macro-F1':>8} | {'test n':>6} |"
+    )
     rows = []
     for method in args.methods.split(","):
-        overrides = [f"model={args.model}", f"dataset={args.dataset}", f"method={method}",
-                     f"epochs={args.epochs}", f"batch_size={args.batch_size}", f"output_dir={output_dir}",
-                     f"name=bench-{method}", "overwrite=true", "save_every=0", "log_every=1000"]
+        overrides = [
+            f"model={args.model}",
+            f"dataset={args.dataset}",
+            f"method={method}",
+            f"epochs={args.epochs}",
+            f"batch_size={args.batch_size}",
+            f"output_dir={output_dir}",
+            f"name=bench-{method}",
+            "overwrite=true",
+            "save_every=0",
+            "log_every=1000",
+        ]
         overrides += args.set
         for key in ("max_train_samples", "max_eval_samples", "lr"):
             if getattr(args, key) is not None:
@@ -70,9 +88,11 @@ def main() -> None:
             print(rows[-1], flush=True)
             continue
         m = report["finetuned"]
-        rows.append(f"| {method:<14} | {report['method']['trainable_params']:>11,} | "
-                    f"{report['adapter']['size_bytes'] / 1e6:>10.2f} | {report['train']['train_seconds']:>8.1f} | "
-                    f"{cfg.lr:>7.0e} | {cfg.head_lr:>7.0e} | {m['accuracy']:>8.4f} | {m['macro_f1']:>8.4f} | {m['n']:>6} |")
+        rows.append(
+            f"| {method:<14} | {report['method']['trainable_params']:>11,} | "
+            f"{report['adapter']['size_bytes'] / 1e6:>10.2f} | {report['train']['train_seconds']:>8.1f} | "
+            f"{cfg.lr:>7.0e} | {cfg.head_lr:>7.0e} | {m['accuracy']:>8.4f} | {m['macro_f1']:>8.4f} | {m['n']:>6} |"
+        )
         print(rows[-1], flush=True)
     separator = "|" + "|".join("-" * len(cell) for cell in header.strip("|").split("|")) + "|"
     print(f"\n{conditions}\n\n{header}\n{separator}")

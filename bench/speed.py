@@ -56,8 +56,12 @@ def load_split(args):
     from peftlab.config import DataConfig
     from peftlab.data import load_data
 
-    cfg = DataConfig(dataset=args.dataset, max_train_samples=args.max_train_samples,
-                     max_eval_samples=args.max_eval_samples, max_length=args.max_length)
+    cfg = DataConfig(
+        dataset=args.dataset,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        max_length=args.max_length,
+    )
     return load_data(cfg, args.data_dir or os.environ.get("PEFTLAB_DATA_DIR"))
 
 
@@ -88,23 +92,36 @@ def run_stock(args, grouped: bool) -> dict:
     if getattr(model, "hf_quantizer", None) is not None:  # GGUF: de-quantized on load, but Trainer
         model.hf_quantizer.remove_quantization_config(model)  # refuses a model still marked quantized
     targets = ["query", "value"] if model.config.model_type == "bert" else ["q_proj", "v_proj"]
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1,
-                                             target_modules=targets))
+    model = get_peft_model(
+        model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=targets)
+    )
 
     def encode(texts, labels):
         ds = Dataset.from_dict({"text": texts, "label": labels})
-        return ds.map(lambda b: tok(b["text"], truncation=True, max_length=args.max_length), batched=True,
-                      remove_columns=["text"])
+        return ds.map(
+            lambda b: tok(b["text"], truncation=True, max_length=args.max_length), batched=True, remove_columns=["text"]
+        )
 
     train, test = encode(bundle.train.texts, bundle.train.labels), encode(bundle.test.texts, bundle.test.labels)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             model=model,
             args=TrainingArguments(
-                output_dir=out, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
-                num_train_epochs=args.epochs, learning_rate=args.lr, weight_decay=0.01, warmup_steps=0.06,
-                seed=args.seed, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
-                logging_steps=50, label_names=["labels"], remove_unused_columns=False, disable_tqdm=True,
+                output_dir=out,
+                per_device_train_batch_size=args.batch_size,
+                per_device_eval_batch_size=args.batch_size,
+                num_train_epochs=args.epochs,
+                learning_rate=args.lr,
+                weight_decay=0.01,
+                warmup_steps=0.06,
+                seed=args.seed,
+                use_cpu=not torch.cuda.is_available(),
+                report_to="none",
+                save_strategy="no",
+                logging_steps=50,
+                label_names=["labels"],
+                remove_unused_columns=False,
+                disable_tqdm=True,
                 train_sampling_strategy="group_by_length" if grouped else "random",
             ),
             train_dataset=train,
@@ -117,8 +134,13 @@ def run_stock(args, grouped: bool) -> dict:
         pred = trainer.predict(test)
         eval_seconds = time.perf_counter() - start
     accuracy = float((np.asarray(pred.predictions).argmax(-1) == np.asarray(bundle.test.labels)).mean())
-    return {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "accuracy": accuracy,
-            "train_n": len(bundle.train.texts), "eval_n": len(bundle.test.texts)}
+    return {
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "accuracy": accuracy,
+        "train_n": len(bundle.train.texts),
+        "eval_n": len(bundle.test.texts),
+    }
 
 
 def run_peftlab(args, extra: list[str] = ()) -> dict:
@@ -126,11 +148,21 @@ def run_peftlab(args, extra: list[str] = ()) -> dict:
     from peftlab.experiment import run_experiment
 
     with tempfile.TemporaryDirectory() as out:
-        overrides = [f"model={args.model}", f"dataset={args.dataset}", f"max_length={args.max_length}",
-                     f"epochs={args.epochs}", f"batch_size={args.batch_size}", f"lr={args.lr}", f"seed={args.seed}",
-                     "target_modules=[query,value]" if args.model == "minilm" else "target_modules=[q_proj,v_proj]",
-                     f"precision={args.precision}", f"eval_batch_size={args.eval_batch_size}",
-                     f"output_dir={out}", "save_every=0", "log_every=1000000"]
+        overrides = [
+            f"model={args.model}",
+            f"dataset={args.dataset}",
+            f"max_length={args.max_length}",
+            f"epochs={args.epochs}",
+            f"batch_size={args.batch_size}",
+            f"lr={args.lr}",
+            f"seed={args.seed}",
+            "target_modules=[query,value]" if args.model == "minilm" else "target_modules=[q_proj,v_proj]",
+            f"precision={args.precision}",
+            f"eval_batch_size={args.eval_batch_size}",
+            f"output_dir={out}",
+            "save_every=0",
+            "log_every=1000000",
+        ]
         overrides += list(extra)
         if args.data_dir:
             overrides.append(f"data_dir={args.data_dir}")
@@ -138,9 +170,14 @@ def run_peftlab(args, extra: list[str] = ()) -> dict:
             if getattr(args, key):
                 overrides.append(f"{key}={getattr(args, key)}")
         report = run_experiment(load_config(None, overrides), baseline=False, reload=False)
-    return {"train_seconds": report["train"]["train_seconds"], "eval_seconds": report["finetuned"]["eval_seconds"],
-            "accuracy": report["finetuned"]["accuracy"], "train_n": report["data"]["train_size"],
-            "eval_n": report["data"]["test_size"], "precision": report["train"]["precision"]}
+    return {
+        "train_seconds": report["train"]["train_seconds"],
+        "eval_seconds": report["finetuned"]["eval_seconds"],
+        "accuracy": report["finetuned"]["accuracy"],
+        "train_n": report["data"]["train_size"],
+        "eval_n": report["data"]["test_size"],
+        "precision": report["train"]["precision"],
+    }
 
 
 def model_facts(args) -> dict:
@@ -159,18 +196,30 @@ def model_facts(args) -> dict:
     config = AutoConfig.from_pretrained(source.path, **kw)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    linear = sum(m.weight.numel() for n, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and not n.startswith(("classifier", "score")))
-    return {"tokens": sum(lengths), "mean_len": sum(lengths) / len(lengths), "linear_params": linear,
-            "layers": config.num_hidden_layers, "hidden": config.hidden_size}
+    linear = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.startswith(("classifier", "score"))
+    )
+    return {
+        "tokens": sum(lengths),
+        "mean_len": sum(lengths) / len(lengths),
+        "linear_params": linear,
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+    }
 
 
 def child(args) -> None:
-    result = {"stock": lambda: run_stock(args, False), "grouped": lambda: run_stock(args, True),
-              "peftlab": lambda: run_peftlab(args), "facts": lambda: model_facts(args),
-              "peftlab_nodrop": lambda: run_peftlab(args, ["model_dropout=0"]),
-              "peftlab_compile": lambda: run_peftlab(args, ["compile=true"]),
-              "peftlab_length": lambda: run_peftlab(args, ["batching=length"])}[args.variant]()
+    result = {
+        "stock": lambda: run_stock(args, False),
+        "grouped": lambda: run_stock(args, True),
+        "peftlab": lambda: run_peftlab(args),
+        "facts": lambda: model_facts(args),
+        "peftlab_nodrop": lambda: run_peftlab(args, ["model_dropout=0"]),
+        "peftlab_compile": lambda: run_peftlab(args, ["compile=true"]),
+        "peftlab_length": lambda: run_peftlab(args, ["batching=length"]),
+    }[args.variant]()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -197,14 +246,18 @@ def main() -> None:
 
     import torch
 
-    print(f"# bench/speed.py  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}")
+    print(
+        f"# bench/speed.py  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} threads, cuda={torch.cuda.is_available()}"
+    )
     from peftlab.runtime import cpu_description
 
     print(f"# CPU: {cpu_description()}")
-    print(f"# model {args.model}, dataset {args.dataset}, max_length {args.max_length}, batch {args.batch_size}, "
-          f"epochs {args.epochs}, lr {args.lr}, seed {args.seed}, subsets train={args.max_train_samples} "
-          f"eval={args.max_eval_samples}")
+    print(
+        f"# model {args.model}, dataset {args.dataset}, max_length {args.max_length}, batch {args.batch_size}, "
+        f"epochs {args.epochs}, lr {args.lr}, seed {args.seed}, subsets train={args.max_train_samples} "
+        f"eval={args.max_eval_samples}"
+    )
     rates = {d: matmul_rate(d) for d in ("fp32", "bf16")}
     print(f"# matmul 1024^3: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s")
 
@@ -222,27 +275,37 @@ def main() -> None:
     print("\n| variant | train samples/s | real tokens/s | eval samples/s | peak RSS MB | accuracy |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
-        label = {"stock": "a stock Trainer", "grouped": "b Trainer + group_by_length", "peftlab": "c peftlab",
-                 "peftlab_nodrop": "d peftlab, model_dropout=0",
-                 "peftlab_compile": "e peftlab, compile=true",
-                 "peftlab_length": "f peftlab, batching=length"}[name]
+        label = {
+            "stock": "a stock Trainer",
+            "grouped": "b Trainer + group_by_length",
+            "peftlab": "c peftlab",
+            "peftlab_nodrop": "d peftlab, model_dropout=0",
+            "peftlab_compile": "e peftlab, compile=true",
+            "peftlab_length": "f peftlab, batching=length",
+        }[name]
         if name.startswith("peftlab"):
             label += f" ({r['precision']})"
         r["train_sps"] = r["train_n"] * args.epochs / r["train_seconds"]
         r["eval_sps"] = r["eval_n"] / r["eval_seconds"]
-        print(f"| {label} | {r['train_sps']:.1f} | {tokens / r['train_seconds']:.0f} | {r['eval_sps']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |")
+        print(
+            f"| {label} | {r['train_sps']:.1f} | {tokens / r['train_seconds']:.0f} | {r['eval_sps']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |"
+        )
     if "peftlab" in results:
         c = results["peftlab"]
         for base, letter in (("stock", "a"), ("grouped", "b")):
             if base in results:
                 b = results[base]
-                print(f"\nc/{letter}: train {c['train_sps'] / b['train_sps']:.2f}x, eval {c['eval_sps'] / b['eval_sps']:.2f}x, "
-                      f"accuracy {100 * (c['accuracy'] - b['accuracy']):+.2f} points")
+                print(
+                    f"\nc/{letter}: train {c['train_sps'] / b['train_sps']:.2f}x, eval {c['eval_sps'] / b['eval_sps']:.2f}x, "
+                    f"accuracy {100 * (c['accuracy'] - b['accuracy']):+.2f} points"
+                )
         flops = tokens * (4 * facts["linear_params"] + 2 * 4 * facts["layers"] * facts["mean_len"] * facts["hidden"])
         floor = flops / rates["fp32"]
-        print(f"\narithmetic floor (fp32): {flops / 1e12:.2f} TFLOP for {tokens:,.0f} real tokens -> {floor:.1f} s; "
-              f"peftlab trained in {c['train_seconds']:.1f} s = {c['train_seconds'] / floor:.2f}x the floor")
+        print(
+            f"\narithmetic floor (fp32): {flops / 1e12:.2f} TFLOP for {tokens:,.0f} real tokens -> {floor:.1f} s; "
+            f"peftlab trained in {c['train_seconds']:.1f} s = {c['train_seconds'] / floor:.2f}x the floor"
+        )
 
 
 if __name__ == "__main__":

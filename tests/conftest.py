@@ -38,11 +38,18 @@ def _tokenizer(kind: str):
     if kind == "encoder":
         # BERT's templates: the second text of a pair is segment 1 (token_type_ids).
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                       cls_token="[CLS]", sep_token="[SEP]",
-                                       model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+        )
     # A decoder tokenizer without a pad token, as most causal LMs ship.
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>")
 
@@ -58,13 +65,29 @@ def build_tiny_model(path: Path, kind: str) -> Path:
 
     torch.manual_seed(0)
     if kind == "encoder":
-        config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=128, pad_token_id=0)
+        config = BertConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
         model = BertForSequenceClassification(config)
     else:
-        config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                             bos_token_id=None, eos_token_id=VOCAB.index("</s>"), pad_token_id=None)
+        config = LlamaConfig(
+            vocab_size=len(VOCAB),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            bos_token_id=None,
+            eos_token_id=VOCAB.index("</s>"),
+            pad_token_id=None,
+        )
         model = LlamaForSequenceClassification(config)
     model.save_pretrained(path)
     _tokenizer(kind).save_pretrained(path)
@@ -160,8 +183,18 @@ def tiny_cfg(tiny_encoder, sentiment_dir, tmp_path):
     """A RunConfig for a fast run: tiny encoder, synthetic data, fp32."""
     from peftlab.config import load_config
 
-    return load_config(None, [f"model={tiny_encoder}", f"dataset={sentiment_dir}", f"output_dir={tmp_path / 'runs'}",
-                              "precision=fp32", "epochs=1", "batch_size=16", "log_every=5"])
+    return load_config(
+        None,
+        [
+            f"model={tiny_encoder}",
+            f"dataset={sentiment_dir}",
+            f"output_dir={tmp_path / 'runs'}",
+            "precision=fp32",
+            "epochs=1",
+            "batch_size=16",
+            "log_every=5",
+        ],
+    )
 
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

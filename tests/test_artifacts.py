@@ -41,20 +41,31 @@ def _trained(cfg, method, tmp_path, model_name=None):
     train_native(model, tokenize(tok, bundle.train.texts, bundle.train.labels, 64), collate, cfg, "fp32")
     test = tokenize(tok, bundle.test.texts, bundle.test.labels, 64)
     logits = predict_logits(model, test, collate, 8)
-    meta = {"base_model": cfg.model.name, "label_names": bundle.label_names, "head_modules": heads,
-            "method": {"name": method}, "max_length": 64, "data": {"dataset": cfg.data.dataset},
-            "base_model_fingerprint": fingerprint}
+    meta = {
+        "base_model": cfg.model.name,
+        "label_names": bundle.label_names,
+        "head_modules": heads,
+        "method": {"name": method},
+        "max_length": 64,
+        "data": {"dataset": cfg.data.dataset},
+        "base_model_fingerprint": fingerprint,
+    }
     adapter_dir = artifacts.save_adapter(model, tmp_path / "adapter", meta, tok)
     return adapter_dir, bundle, logits
 
 
-@pytest.mark.parametrize("method,kind", [("lora", "encoder"), ("lora", "decoder"), ("head", "encoder"),
-                                         ("full", "encoder")])
+@pytest.mark.parametrize(
+    "method,kind", [("lora", "encoder"), ("lora", "decoder"), ("head", "encoder"), ("full", "encoder")]
+)
 def test_reload_in_fresh_process_gives_identical_logits(tiny_cfg, tiny_encoder, tiny_decoder, tmp_path, method, kind):
-    """Pitfalls 1 and 2: the head must travel with the adapter; dropout must be off."""
+    """The head must travel with the adapter and dropout must be off once reloaded (pitfalls 1 and 2)."""
     adapter_dir, bundle, logits = _trained(tiny_cfg, method, tmp_path, tiny_decoder if kind == "decoder" else None)
-    out = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(adapter_dir), json.dumps(bundle.test.texts)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RELOAD_SCRIPT, str(adapter_dir), json.dumps(bundle.test.texts)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     np.testing.assert_array_equal(np.array(json.loads(out.stdout), dtype=np.float32), logits)
 
 
@@ -104,3 +115,13 @@ def test_broken_adapter_folders(tmp_path):
     (tmp_path / "peftlab.json").write_text("{not json")
     with pytest.raises(PeftlabError, match="corrupted"):
         artifacts.load_adapter(tmp_path)
+
+
+def test_adapter_from_a_newer_peftlab_is_refused(tiny_cfg, tmp_path):
+    adapter_dir, _, _ = _trained(tiny_cfg, "lora", tmp_path)
+    meta = json.loads((adapter_dir / "peftlab.json").read_text())
+    assert meta["format_version"] == artifacts.FORMAT_VERSION
+    meta["format_version"] = artifacts.FORMAT_VERSION + 1
+    (adapter_dir / "peftlab.json").write_text(json.dumps(meta))
+    with pytest.raises(PeftlabError, match=r"written by a newer peftlab \(adapter format 2, this one reads up to 1\)"):
+        artifacts.load_adapter(adapter_dir)

@@ -26,11 +26,25 @@ from peftlab.experiment import run_experiment
 def world(tiny_encoder, tiny_decoder, sentiment_dir, tmp_path_factory):
     """A finished run plus a gallery of broken files, folders and adapters."""
     root = tmp_path_factory.mktemp("bad")
-    cfg = load_config(None, [f"model={tiny_encoder}", f"dataset={sentiment_dir}", f"output_dir={root / 'runs'}",
-                             "precision=fp32", "max_steps=3", "name=good"])
+    cfg = load_config(
+        None,
+        [
+            f"model={tiny_encoder}",
+            f"dataset={sentiment_dir}",
+            f"output_dir={root / 'runs'}",
+            "precision=fp32",
+            "max_steps=3",
+            "name=good",
+        ],
+    )
     run_experiment(cfg)
-    paths = {"run": root / "runs" / "good", "tiny": tiny_encoder, "decoder": tiny_decoder,
-             "csv": write_csv(root / "data.csv", *make_texts(40, seed=3)), "csvdir": sentiment_dir}
+    paths = {
+        "run": root / "runs" / "good",
+        "tiny": tiny_encoder,
+        "decoder": tiny_decoder,
+        "csv": write_csv(root / "data.csv", *make_texts(40, seed=3)),
+        "csvdir": sentiment_dir,
+    }
     (root / "unseen").mkdir()
     write_csv(root / "unseen" / "train.csv", ["a b", "c d", "e f", "g h"], ["neg", "pos", "neg", "pos"])
     write_csv(root / "unseen" / "test.csv", ["a", "b"], ["neg", "meh"])
@@ -54,6 +68,7 @@ def world(tiny_encoder, tiny_decoder, sentiment_dir, tmp_path_factory):
     paths["pickle_model"].mkdir()
     shutil.copy(f"{tiny_encoder}/config.json", paths["pickle_model"] / "config.json")
     from safetensors.torch import load_file
+
     torch.save(load_file(f"{tiny_encoder}/model.safetensors"), paths["pickle_model"] / "pytorch_model.bin")
     # Adapters: a corrupted copy, and one carrying a pickle file.
     paths["corrupt"] = root / "corrupt"
@@ -99,13 +114,16 @@ def _data_files(root, paths):
     paths["remote"] = root / "remote-code-model"
     shutil.copytree(paths["tiny"], paths["remote"])
     config = json.loads((paths["remote"] / "config.json").read_text())
-    config.update(model_type="custom-x", auto_map={"AutoConfig": "configuration_x.XConfig",
-                                                    "AutoModelForSequenceClassification": "modeling_x.XModel"})
+    config.update(
+        model_type="custom-x",
+        auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForSequenceClassification": "modeling_x.XModel"},
+    )
     (paths["remote"] / "config.json").write_text(json.dumps(config))
 
 
 def _adapters_and_runs(root, paths, cfg):
     """Broken adapters, killed runs with changed or broken checkpoints, links and folders."""
+
     def adapter_copy(key):
         paths[key] = root / key
         shutil.copytree(paths["run"] / "adapter", paths[key])
@@ -157,16 +175,32 @@ def _killed_run(cfg, run_dir):
     from peftlab.methods import apply_method
     from peftlab.models import load_model
 
-    cfg = load_config(None, [f"model={cfg.model.name}", f"dataset={cfg.data.dataset}", "precision=fp32",
-                             "max_steps=2", "save_every=1", "name=killed", f"output_dir={run_dir.parent}"])
+    cfg = load_config(
+        None,
+        [
+            f"model={cfg.model.name}",
+            f"dataset={cfg.data.dataset}",
+            "precision=fp32",
+            "max_steps=2",
+            "save_every=1",
+            "name=killed",
+            f"output_dir={run_dir.parent}",
+        ],
+    )
     claim = rundir.claim(run_dir.parent, run_dir.name)
     (run_dir / "config.yaml").write_text(cfg.to_yaml())
     bundle = load_data(cfg.data)
     model, tok, _ = load_model(cfg.model, 2, bundle.label_names)
     model = apply_method(model, cfg.method)
-    train_native(model, tokenize(tok, bundle.train.texts, bundle.train.labels, 64),
-                 PadCollator(tok.pad_token_id), cfg, "fp32", run_dir / "metrics.jsonl",
-                 checkpoint_dir=run_dir / "checkpoints")
+    train_native(
+        model,
+        tokenize(tok, bundle.train.texts, bundle.train.labels, 64),
+        PadCollator(tok.pad_token_id),
+        cfg,
+        "fp32",
+        run_dir / "metrics.jsonl",
+        checkpoint_dir=run_dir / "checkpoints",
+    )
     claim.release()
 
 
@@ -234,6 +268,8 @@ CASES = [
     (["run", "warmup_ratio=5"], "train.warmup_ratio=5.0 must be in [0, 1]"),
     (["run", "weight_decay=-1"], "train.weight_decay=-1.0 must be 0 or positive"),
     (["run", "alpha=0"], "method.alpha=0.0 must be positive"),
+    (["run", "epochs=true"], "epochs=True is not a valid float"),
+    (["run", "lr=true"], "lr=True is not a valid float"),
     (["run", "--config", "{sectiontypo}"], "did you mean section 'train'"),
     # data read wrongly or not at all
     (["run", "dataset={semicolon}"], "looks ';'-delimited (its header 'text;label' has no commas)"),
@@ -242,8 +278,10 @@ CASES = [
     (["run", "dataset={parquetcsv}"], "is a Parquet file named .csv: rename it to .parquet"),
     (["run", "dataset={gzipcsv}"], "is gzip-compressed: name it gzipped.csv.gz"),
     (["run", "dataset={swapped}"], "label column 'label' has 40 classes in 40 training rows"),
-    (["evaluate", "--adapter", "{run}", "--dataset", "{intlabels}"],
-     "the data's labels are integers [0, 1] but the adapter's labels are names ['neg', 'pos']"),
+    (
+        ["evaluate", "--adapter", "{run}", "--dataset", "{intlabels}"],
+        "the data's labels are integers [0, 1] but the adapter's labels are names ['neg', 'pos']",
+    ),
     # resuming with changed settings or broken checkpoints
     (["run", "--resume", "{killed_batch}"], "settings changed since its last checkpoint (train.batch_size: 16 -> 8)"),
     (["run", "--resume", "{killed_rank}"], "settings changed since its last checkpoint (method.r: 8 -> 4)"),
@@ -251,7 +289,10 @@ CASES = [
     (["run", "--resume", "{killed_trunc}"], "trainable.safetensors is unreadable"),
     (["run", "--resume", "{root}/runs/link"], "cannot resume: run directory"),
     # models and adapters
-    (["run", "model={remote}"], "ships its own Python code, which peftlab runs only when asked: pass --trust-remote-code"),
+    (
+        ["run", "model={remote}"],
+        "ships its own Python code, which peftlab runs only when asked: pass --trust-remote-code",
+    ),
     (["predict", "{truncated}", "hi"], "are unreadable"),
     (["predict", "{badconfig}", "hi"], "adapter_config.json is corrupted (not valid JSON)"),
     (["predict", "{killed}", "hi"], "is unfinished (no adapter yet): continue it with `peftlab run --resume"),
@@ -280,23 +321,38 @@ def _disk_full_at_start(monkeypatch):
 # Cases that need the world changed while they run: (argv, expected message, patch). The
 # disk fills after training: the checkpoint stays, so the run folder stays (in scratch).
 PATCHED = [
-    (["run", "output_dir={scratch}", "name=fulldisk", "max_steps=1"],
-     "could not write the adapter to", _disk_full_at_adapter),
-    (["run", "output_dir={scratch}", "name=fulldisk2", "max_steps=1"],
-     "No space left on device (somefile): free disk space", _disk_full_at_start),
+    (
+        ["run", "output_dir={scratch}", "name=fulldisk", "max_steps=1"],
+        "could not write the adapter to",
+        _disk_full_at_adapter,
+    ),
+    (
+        ["run", "output_dir={scratch}", "name=fulldisk2", "max_steps=1"],
+        "No space left on device (somefile): free disk space",
+        _disk_full_at_start,
+    ),
 ]
 
 
 def _digest(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _canaries(root, paths):
     """What no bad input may change: the finished run, the folder outside output_dir, and
     which folders exist beside them (the scratch folder excepted)."""
-    return (_digest(paths["run"]), _digest(paths["outside"]), sorted(os.listdir(root)),
-            sorted(os.listdir(root / "runs")), sorted(os.listdir(paths["killed"])), sorted(os.listdir(root.parent)))
+    return (
+        _digest(paths["run"]),
+        _digest(paths["outside"]),
+        sorted(os.listdir(root)),
+        sorted(os.listdir(root / "runs")),
+        sorted(os.listdir(paths["killed"])),
+        sorted(os.listdir(root.parent)),
+    )
 
 
 CASES += [(argv, message) for argv, message, _ in PATCHED]
@@ -337,15 +393,25 @@ def _handled_files(root):
     root.mkdir()
     paths = {"quotetsv": root / "quotes.tsv", "mergedcsv": root / "merged.csv", "missingclass": root / "missingclass"}
     # An unquoted TSV where some texts start with '"': pandas' quoting merged 62 of 120 rows.
-    paths["quotetsv"].write_text("text\tlabel\n" + "".join(
-        f'"{t}\t{y}\n' if i % 3 == 0 else f"{t}\t{y}\n" for i, (t, y) in enumerate(zip(texts, labels))))
+    paths["quotetsv"].write_text(
+        "text\tlabel\n"
+        + "".join(f'"{t}\t{y}\n' if i % 3 == 0 else f"{t}\t{y}\n" for i, (t, y) in enumerate(zip(texts, labels)))
+    )
     # A CSV whose unbalanced quotes merge lines: read as pandas reads it, and counted.
-    paths["mergedcsv"].write_text("text,label\n" + "".join(
-        f'"{t},{y}\n' if i % 2 == 0 else f"{t},{y}\n" for i, (t, y) in enumerate(zip(texts[:40], labels[:40]))))
-    paths["nanlabels"] = write_csv(root / "nan-labels.csv", texts + ["w1 good", "w2 bad", "w3"],
-                                   labels + ["NaN", "NaN", "None"])
-    paths["caselabels"] = write_csv(root / "case-labels.csv", texts, [
-        y.capitalize() if i % 7 == 0 else f" {y} " if i % 5 == 0 else y for i, y in enumerate(labels)])
+    paths["mergedcsv"].write_text(
+        "text,label\n"
+        + "".join(
+            f'"{t},{y}\n' if i % 2 == 0 else f"{t},{y}\n" for i, (t, y) in enumerate(zip(texts[:40], labels[:40]))
+        )
+    )
+    paths["nanlabels"] = write_csv(
+        root / "nan-labels.csv", texts + ["w1 good", "w2 bad", "w3"], labels + ["NaN", "NaN", "None"]
+    )
+    paths["caselabels"] = write_csv(
+        root / "case-labels.csv",
+        texts,
+        [y.capitalize() if i % 7 == 0 else f" {y} " if i % 5 == 0 else y for i, y in enumerate(labels)],
+    )
     paths["missingclass"].mkdir()
     write_csv(paths["missingclass"] / "train.csv", texts + ["w5 w6", "w7 w8"], labels + ["meh", "meh"])
     write_csv(paths["missingclass"] / "test.csv", *make_texts(20, seed=5))
@@ -355,15 +421,29 @@ def _handled_files(root):
 HANDLED = [
     # (argv, what stderr must say (None: nothing in particular), what the report must hold)
     (["run", "dataset={quotetsv}"], None, lambda r: r["data"]["rows_read"] == 120),
-    (["run", "dataset={mergedcsv}"], "20 of its 41 lines did not become rows of their own",
-     lambda r: r["data"]["rows_merged_or_dropped"] == 20),
-    (["run", "dataset={nanlabels}"], "dropped 2 train rows whose label is 'NaN', taken as a missing label",
-     lambda r: r["label_names"] == ["neg", "pos"] and r["data"]["rows_read"] == 123),
-    (["run", "dataset={caselabels}"], "labels that differ only in case taken as one class",
-     lambda r: r["label_names"] == ["neg", "pos"]),
-    (["run", "dataset={missingclass}"], "1 of 3 classes have no test examples: ['meh']",
-     lambda r: r["data"]["classes_missing_from_test"] == ["meh"]
-     and r["finetuned"]["macro_f1_over"] == "classes present in the evaluated labels (2 of 3)"),
+    (
+        ["run", "dataset={mergedcsv}"],
+        "20 of its 41 lines did not become rows of their own",
+        lambda r: r["data"]["rows_merged_or_dropped"] == 20,
+    ),
+    (
+        ["run", "dataset={nanlabels}"],
+        "dropped 2 train rows whose label is 'NaN', taken as a missing label",
+        lambda r: r["label_names"] == ["neg", "pos"] and r["data"]["rows_read"] == 123,
+    ),
+    (
+        ["run", "dataset={caselabels}"],
+        "labels that differ only in case taken as one class",
+        lambda r: r["label_names"] == ["neg", "pos"],
+    ),
+    (
+        ["run", "dataset={missingclass}"],
+        "1 of 3 classes have no test examples: ['meh']",
+        lambda r: (
+            r["data"]["classes_missing_from_test"] == ["meh"]
+            and r["finetuned"]["macro_f1_over"] == "classes present in the evaluated labels (2 of 3)"
+        ),
+    ),
 ]
 
 
@@ -373,15 +453,24 @@ def handled_files(world):
 
 
 @pytest.mark.parametrize("argv,said,holds", HANDLED, ids=[" ".join(c[0])[:40] for c in HANDLED])
-def test_awkward_input_that_can_be_read_right_runs_and_says_so(argv, said, holds, world, handled_files, capsys,
-                                                               monkeypatch):
+def test_awkward_input_that_can_be_read_right_runs_and_says_so(
+    argv, said, holds, world, handled_files, capsys, monkeypatch
+):
     root, paths = world
     monkeypatch.chdir(root)
     argv = [a.format(**{k: str(v) for k, v in handled_files.items()}) for a in argv]
     name = f"handled-{len(os.listdir(root / 'scratch'))}"
     before = _canaries(root, paths)
-    code = main([*argv, f"model={paths['tiny']}", "max_steps=2", "precision=fp32", f"name={name}",
-                 f"output_dir={root / 'scratch'}"])
+    code = main(
+        [
+            *argv,
+            f"model={paths['tiny']}",
+            "max_steps=2",
+            "precision=fp32",
+            f"name={name}",
+            f"output_dir={root / 'scratch'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err[-2000:]
     assert said is None or said in err, err[-3000:]
@@ -399,8 +488,10 @@ def test_adapter_without_checksums_loads_with_a_warning(world, capsys, monkeypat
     del meta["weights_sha256"]
     (adapter / "peftlab.json").write_text(json.dumps(meta))
     assert main(["predict", str(adapter), "w1 good"]) == 0
-    assert "records no weight checksums (weights_sha256): the adapter's weights are not verified" in \
-        capsys.readouterr().err
+    assert (
+        "records no weight checksums (weights_sha256): the adapter's weights are not verified"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_run_that_failed_on_bad_data_leaves_its_name_free(world, capsys):
@@ -440,8 +531,15 @@ def test_two_runs_started_together_never_share_a_folder(tmp_path):
     for trial in range(10):
         root = tmp_path / f"trial{trial}"
         start = time.time() + 1.0  # both processes are up and spinning by then
-        procs = [subprocess.Popen([sys.executable, "-c", RACE, str(root), str(start)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", RACE, str(root), str(start)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
         outs = [p.communicate(timeout=60) for p in procs]
         claimed = [out for out, _ in outs if out.startswith("claimed")]
         assert len(claimed) == 1, outs
@@ -454,10 +552,24 @@ def test_two_cli_runs_with_one_name_one_wins(world, tmp_path):
     import sys
 
     root, paths = world
-    argv = [sys.executable, "-m", "peftlab.cli", "run", f"model={paths['tiny']}", f"dataset={paths['csvdir']}",
-            "max_steps=2", "precision=fp32", "name=race", f"output_dir={tmp_path}"]
-    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}) for _ in range(2)]
+    argv = [
+        sys.executable,
+        "-m",
+        "peftlab.cli",
+        "run",
+        f"model={paths['tiny']}",
+        f"dataset={paths['csvdir']}",
+        "max_steps=2",
+        "precision=fp32",
+        "name=race",
+        f"output_dir={tmp_path}",
+    ]
+    procs = [
+        subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
+        for _ in range(2)
+    ]
     outs = [(p.wait(timeout=300), *p.communicate()) for p in procs]
     assert sorted(code for code, _, _ in outs) == [0, 2], outs
     loser = next(err for code, _, err in outs if code == 2)

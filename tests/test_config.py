@@ -1,8 +1,10 @@
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from peftlab.config import RunConfig, apply_overrides, load_config
+from peftlab.cli import FLAG_NAMES, main
+from peftlab.config import SECTIONS, RunConfig, apply_overrides, load_config
 from peftlab.errors import PeftlabError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -17,8 +19,10 @@ def test_defaults_are_the_offline_quickstart():
 
 
 def test_plain_dotted_and_alias_keys():
-    cfg = apply_overrides(RunConfig(), ["lr=5e-4", "method.r=4", "model=smollm2-135m", "dataset=imdb",
-                                        "target_modules=query,value", "overwrite=true"])
+    cfg = apply_overrides(
+        RunConfig(),
+        ["lr=5e-4", "method.r=4", "model=smollm2-135m", "dataset=imdb", "target_modules=query,value", "overwrite=true"],
+    )
     assert cfg.train.lr == 5e-4 and cfg.method.r == 4
     assert cfg.model.name == "smollm2-135m" and cfg.data.dataset == "imdb"
     assert cfg.method.target_modules == ["query", "value"] and cfg.overwrite is True
@@ -71,13 +75,60 @@ def test_shipped_configs_load(path):
     load_config(path)
 
 
-def test_data_options_are_validated_and_reach_the_cli():
+def test_data_options_are_validated():
     with pytest.raises(PeftlabError) as err:
         load_config(None, ["truncation=middle", "train_fraction=0", "text_column=a", "text_pair_column=a"])
     msg = str(err.value)
     assert "data.truncation='middle' is not one of head, tail, head+tail" in msg
     assert "data.train_fraction=0.0 must be in (0, 1]" in msg and "text_pair_column must differ" in msg
-    cfg = load_config(None, ["truncation=head+tail", "dedup=true", "text_pair_column=sentence2",
-                             "train_fraction=0.5", "token_cache=false"])
+    cfg = load_config(
+        None,
+        ["truncation=head+tail", "dedup=true", "text_pair_column=sentence2", "train_fraction=0.5", "token_cache=false"],
+    )
     assert (cfg.data.truncation, cfg.data.dedup, cfg.data.text_pair_column) == ("head+tail", True, "sentence2")
     assert cfg.data.train_fraction == 0.5 and cfg.data.token_cache is False
+
+
+def test_data_options_reach_the_experiment_from_the_cli(monkeypatch, capsys):
+    """`peftlab run` hands the experiment a config holding the data flags and key=value
+    overrides it was given (the experiment is replaced, so nothing trains)."""
+    import peftlab.experiment
+
+    received = []
+
+    def stop_before_training(cfg, **kwargs):
+        received.append(cfg)
+        raise PeftlabError("stopped before training")
+
+    monkeypatch.setattr(peftlab.experiment, "run_experiment", stop_before_training)
+    code = main(
+        [
+            "run",
+            "--truncation",
+            "head+tail",
+            "--dedup",
+            "--text-pair-column",
+            "sentence2",
+            "--train-fraction",
+            "0.5",
+            "token_cache=false",
+        ]
+    )
+    assert code == 2 and "peftlab: error: stopped before training" in capsys.readouterr().err
+    data = received[0].data
+    assert (data.truncation, data.dedup, data.text_pair_column) == ("head+tail", True, "sentence2")
+    assert data.train_fraction == 0.5 and data.token_cache is False
+
+
+def test_every_setting_is_a_run_flag_with_its_help(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help text
+    with pytest.raises(SystemExit, match="0"):
+        main(["run", "--help"])
+    page = " ".join(capsys.readouterr().out.split())
+    for section, cls in [(None, RunConfig), *SECTIONS.items()]:
+        for f in fields(cls):
+            if f.name in SECTIONS:
+                continue
+            flag = "--" + FLAG_NAMES.get((section, f.name), f.name).replace("_", "-")
+            metavar = "" if str(f.type).startswith("bool") else " X"
+            assert f.metadata["help"] and f"{flag}{metavar} {f.metadata['help']}" in page, flag

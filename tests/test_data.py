@@ -96,7 +96,9 @@ def test_label_unseen_in_training_is_an_error(tmp_path):
 
 
 def test_empty_texts_dropped_with_count(tmp_path, caplog):
-    write_csv(tmp_path / "d.csv", ["good one", "", "   ", "bad one", "ok", "no"], ["pos", "neg", "pos", "neg", "pos", "neg"])
+    write_csv(
+        tmp_path / "d.csv", ["good one", "", "   ", "bad one", "ok", "no"], ["pos", "neg", "pos", "neg", "pos", "neg"]
+    )
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         bundle = load_data(DataConfig(dataset=str(tmp_path / "d.csv"), test_size=0.5))
     assert "dropped 2 train rows with empty or missing text" in caplog.text
@@ -133,8 +135,6 @@ def test_subsets_are_stratified(tmp_path, offline):
     assert len(bundle.test.texts) == 20 and bundle.test.labels.count(1) == 5
 
 
-
-
 # --- Python API sources -----------------------------------------------------------------
 
 
@@ -148,8 +148,9 @@ def test_dataframe_source_is_split_like_a_file():
 
 def test_dataset_dict_source_keeps_its_splits_and_class_names():
     datasets = pytest.importorskip("datasets")
-    features = datasets.Features({"text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["spam", "ham"])})
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["spam", "ham"])}
+    )
     train = datasets.Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, 1, 0, 1]}, features=features)
     test = datasets.Dataset.from_dict({"text": ["e", "f"], "label": [1, 0]}, features=features)
     bundle = load_data(DataConfig(), source=datasets.DatasetDict(train=train, test=test))
@@ -167,8 +168,7 @@ def test_unsupported_source_type_is_an_error():
 
 def _pairs_frame(n=40):
     texts, labels = make_texts(n, seed=4)
-    return pd.DataFrame({"sentence1": texts, "sentence2": [t[::-1] for t in texts], "label": labels,
-                         "idx": range(n)})
+    return pd.DataFrame({"sentence1": texts, "sentence2": [t[::-1] for t in texts], "label": labels, "idx": range(n)})
 
 
 def test_pair_column_is_carried_and_not_guessed_as_the_text(caplog):
@@ -307,26 +307,36 @@ def test_header_without_rows_is_a_clear_error(tmp_path, name):
         load_data(DataConfig(dataset=str(tmp_path / name)))
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("d.csv", b"PAR1\x00\x00", r"d\.csv is a Parquet file named \.csv: rename it to \.parquet"),
-    ("d.jsonl", b"PAR1\x00\x00", r"d\.jsonl is a Parquet file named \.jsonl: rename it to \.parquet"),
-    ("d.csv", gzip.compress(b"text,label\na,x\n"), r"d\.csv is gzip-compressed: name it d\.csv\.gz"),
-    ("d.csv.gz", b"text,label\na,x\n", r"d\.csv\.gz is named \.gz but is not gzip-compressed: remove \.gz"),
-    ("d.csv", b"PK\x03\x04rest", r"d\.csv is a ZIP archive \(an Excel workbook\?\) named \.csv: export it as CSV"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("d.csv", b"PAR1\x00\x00", r"d\.csv is a Parquet file named \.csv: rename it to \.parquet"),
+        ("d.jsonl", b"PAR1\x00\x00", r"d\.jsonl is a Parquet file named \.jsonl: rename it to \.parquet"),
+        ("d.csv", gzip.compress(b"text,label\na,x\n"), r"d\.csv is gzip-compressed: name it d\.csv\.gz"),
+        ("d.csv.gz", b"text,label\na,x\n", r"d\.csv\.gz is named \.gz but is not gzip-compressed: remove \.gz"),
+        ("d.csv", b"PK\x03\x04rest", r"d\.csv is a ZIP archive \(an Excel workbook\?\) named \.csv: export it as CSV"),
+    ],
+)
 def test_file_in_another_format_than_its_name(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(PeftlabError, match=message):
         load_data(DataConfig(dataset=str(tmp_path / name)))
 
 
-@pytest.mark.parametrize("name,header,message", [
-    ("d.csv", "text;label", r"looks ';'-delimited \(its header 'text;label' has no commas\): save it "
-                            r"comma-separated, or tab-separated as \.tsv"),
-    ("d.csv", "text|label", r"looks '\|'-delimited .*: save it comma-separated"),
-    ("d.csv", "text\tlabel", r"looks tab-delimited .*: name it \.tsv"),
-    ("d.tsv", "text,label", r"looks comma-delimited \(its header 'text,label' has no tabs\): name it \.csv"),
-])
+@pytest.mark.parametrize(
+    "name,header,message",
+    [
+        (
+            "d.csv",
+            "text;label",
+            r"looks ';'-delimited \(its header 'text;label' has no commas\): save it "
+            r"comma-separated, or tab-separated as \.tsv",
+        ),
+        ("d.csv", "text|label", r"looks '\|'-delimited .*: save it comma-separated"),
+        ("d.csv", "text\tlabel", r"looks tab-delimited .*: name it \.tsv"),
+        ("d.tsv", "text,label", r"looks comma-delimited \(its header 'text,label' has no tabs\): name it \.csv"),
+    ],
+)
 def test_file_split_by_another_delimiter(tmp_path, name, header, message):
     sep = header[4]
     # Commas inside texts would otherwise fail as 'Expected 1 fields', far from the cause.
@@ -338,14 +348,19 @@ def test_file_split_by_another_delimiter(tmp_path, name, header, message):
 def test_rows_with_a_field_more_than_the_header_are_refused(tmp_path):
     """pandas would take the first field as the index and shift every text and label."""
     (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"w{i}, good,pos\nw{i}, bad,neg\n" for i in range(5)))
-    with pytest.raises(PeftlabError, match=r"d\.csv: its rows have one field more than its header 'text,label': "
-                                           r"quote the texts that hold a comma"):
+    with pytest.raises(
+        PeftlabError,
+        match=r"d\.csv: its rows have one field more than its header 'text,label': "
+        r"quote the texts that hold a comma",
+    ):
         load_data(DataConfig(dataset=str(tmp_path / "d.csv")))
 
 
 def _texts_opening_quotes(n):
     """Texts of which every other starts with an unclosed quote, as SMS and tweets do."""
-    return [f'"w{i} good' if i % 2 == 0 else f"w{i} bad" for i in range(n)], ["pos" if i % 3 else "neg" for i in range(n)]
+    return [f'"w{i} good' if i % 2 == 0 else f"w{i} bad" for i in range(n)], [
+        "pos" if i % 3 else "neg" for i in range(n)
+    ]
 
 
 def test_unquoted_tsv_texts_starting_with_a_quote_stay_rows(tmp_path, caplog):
@@ -362,8 +377,9 @@ def test_unquoted_tsv_texts_starting_with_a_quote_stay_rows(tmp_path, caplog):
 
 def test_tsv_with_quoted_header_is_read_with_quoting(tmp_path):
     path = tmp_path / "d.tsv"
-    path.write_text('"text"\t"label"\n' + "".join(f'"say ""w{i}""\tthen"\t"{"pos" if i % 2 else "neg"}"\n'
-                                                   for i in range(10)))
+    path.write_text(
+        '"text"\t"label"\n' + "".join(f'"say ""w{i}""\tthen"\t"{"pos" if i % 2 else "neg"}"\n' for i in range(10))
+    )
     bundle = load_data(DataConfig(dataset=str(path)))
     assert sorted(bundle.train.texts + bundle.test.texts) == sorted(f'say "w{i}"\tthen' for i in range(10))
 
@@ -404,8 +420,10 @@ def _frame(labels, n_texts=None):
 
 def test_words_for_missing_labels_drop_their_rows(tmp_path, caplog):
     path = tmp_path / "d.csv"
-    path.write_text("text,label\n" + "".join(f"w{i},{y}\n" for i, y in enumerate(
-        ["pos", "neg"] * 6 + ["NaN", "NaN", " null ", "N/A", "None"])))
+    path.write_text(
+        "text,label\n"
+        + "".join(f"w{i},{y}\n" for i, y in enumerate(["pos", "neg"] * 6 + ["NaN", "NaN", " null ", "N/A", "None"]))
+    )
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         bundle = load_data(DataConfig(dataset=str(path)))
     assert bundle.label_names == ["neg", "pos"] and bundle.facts["train_size"] + bundle.facts["test_size"] == 12
@@ -440,8 +458,11 @@ def test_labels_differing_only_in_case_are_one_class_in_train_and_test(caplog):
 
 def test_label_column_with_nearly_one_class_per_row_is_refused():
     df = pd.DataFrame({"text": ["pos", "neg"] * 20, "label": [f"a review, number {i}" for i in range(40)]})
-    with pytest.raises(PeftlabError, match=r"label column 'label' has 40 classes in 40 training rows, nearly one "
-                                           r"per row: it may hold the texts; set --text-column/--label-column"):
+    with pytest.raises(
+        PeftlabError,
+        match=r"label column 'label' has 40 classes in 40 training rows, nearly one "
+        r"per row: it may hold the texts; set --text-column/--label-column",
+    ):
         load_data(DataConfig(), source={"train": df, "test": df})
 
 
@@ -457,8 +478,11 @@ def test_classes_missing_from_the_test_split_are_named(caplog):
 
 
 def test_integer_labels_are_not_matched_to_adapter_names_by_position():
-    with pytest.raises(PeftlabError, match=r"the data's labels are integers \[0, 1\] but the adapter's labels are "
-                                           r"names \['ham', 'spam'\]: relabel the data with those names"):
+    with pytest.raises(
+        PeftlabError,
+        match=r"the data's labels are integers \[0, 1\] but the adapter's labels are "
+        r"names \['ham', 'spam'\]: relabel the data with those names",
+    ):
         load_data(DataConfig(), label_names=["ham", "spam"], source=_frame([0, 1] * 5))
 
 
@@ -472,8 +496,9 @@ def test_integer_labels_match_adapter_names_through_the_preset(tmp_path, offline
 
 def test_integer_labels_match_adapter_names_through_class_labels():
     datasets = pytest.importorskip("datasets")
-    features = datasets.Features({"text": datasets.Value("string"),
-                                  "label": datasets.ClassLabel(names=["spam", "ham"])})
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["spam", "ham"])}
+    )
     ds = datasets.Dataset.from_dict({"text": [f"w{i}" for i in range(10)], "label": [0, 1] * 5}, features=features)
     bundle = load_data(DataConfig(), label_names=["ham", "spam"], source=ds)
     by_text = {f"w{i}": ["spam", "ham"][i % 2] for i in range(10)}
@@ -482,8 +507,10 @@ def test_integer_labels_match_adapter_names_through_class_labels():
 
 def test_integer_labels_match_integer_adapter_names_by_value():
     bundle = load_data(DataConfig(), label_names=["1", "3"], source=_frame([3, 1] * 5))
-    assert all(bundle.label_names[y] == str(3 if int(t[1:].split()[0]) % 2 == 0 else 1)
-               for t, y in zip(bundle.train.texts, bundle.train.labels))
+    assert all(
+        bundle.label_names[y] == str(3 if int(t[1:].split()[0]) % 2 == 0 else 1)
+        for t, y in zip(bundle.train.texts, bundle.train.labels)
+    )
 
 
 def test_string_labels_take_the_adapter_spelling():
@@ -495,8 +522,13 @@ def test_string_labels_take_the_adapter_spelling():
 
 
 def _tiny_splits(pairs: bool) -> dict[str, pd.DataFrame]:
-    train = pd.DataFrame({"text": ["good film", "bad film", "fine plot", "awful plot"],
-                          "second": ["yes", "no", "sí", "ñ"], "label": ["pos", "neg", "pos", "neg"]})
+    train = pd.DataFrame(
+        {
+            "text": ["good film", "bad film", "fine plot", "awful plot"],
+            "second": ["yes", "no", "sí", "ñ"],
+            "label": ["pos", "neg", "pos", "neg"],
+        }
+    )
     test = pd.DataFrame({"text": ["great", "poor"], "second": ["a", "b"], "label": ["pos", "neg"]})
     columns = ["text", "second", "label"] if pairs else ["text", "label"]
     return {"train": train[columns], "test": test[columns]}
@@ -506,15 +538,18 @@ def _tiny_splits(pairs: bool) -> dict[str, pd.DataFrame]:
 def test_bundle_holds_its_splits_and_keeps_the_fingerprint(pairs, fingerprint):
     """Adapters record the fingerprint: these values were computed before the Split type
     existed, and must never change for the same data."""
-    bundle = load_data(DataConfig(dataset="tiny", text_pair_column="second" if pairs else None),
-                       source=_tiny_splits(pairs))
-    assert bundle.train == Split(["good film", "bad film", "fine plot", "awful plot"], [1, 0, 1, 0],
-                                 ["yes", "no", "sí", "ñ"] if pairs else None)
+    bundle = load_data(
+        DataConfig(dataset="tiny", text_pair_column="second" if pairs else None), source=_tiny_splits(pairs)
+    )
+    assert bundle.train == Split(
+        ["good film", "bad film", "fine plot", "awful plot"], [1, 0, 1, 0], ["yes", "no", "sí", "ñ"] if pairs else None
+    )
     assert bundle.test == Split(["great", "poor"], [1, 0], ["a", "b"] if pairs else None)
     assert bundle.validation is None and len(bundle.train) == 4
     assert bundle.fingerprint == bundle.facts["fingerprint"] == fingerprint
-    rebuilt = DataBundle(Split(bundle.train.texts, bundle.train.labels, bundle.train.pairs), bundle.test,
-                         bundle.label_names, "elsewhere")
+    rebuilt = DataBundle(
+        Split(bundle.train.texts, bundle.train.labels, bundle.train.pairs), bundle.test, bundle.label_names, "elsewhere"
+    )
     assert rebuilt.fingerprint == fingerprint  # the data alone decides it, not where it came from
 
 

@@ -19,9 +19,11 @@ def test_length_grouped_batches_cover_every_example_once_per_epoch():
         assert len(batches) == len(sampler)
         orders.append(flat)
     assert orders[0] != orders[1], "a new order each epoch"
+
     # Grouping works: padding waste is far below that of random batches.
     def waste(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
     random_batches = [list(range(i, min(i + 16, 1003))) for i in range(0, 1003, 16)]
     assert waste(list(sampler)) < 0.3 * waste(random_batches)
 
@@ -44,8 +46,10 @@ def test_stratified_batches_cover_every_example_once_and_keep_the_class_mix():
     stratified.set_epoch(0)
     grouped = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3)
     random = LengthGroupedBatchSampler(lengths, batch_size=16, shuffle=True, seed=3, window=1)
-    skews = {name: label_skew(s.batches(), labels) for name, s in
-             (("stratified", stratified), ("grouped", grouped), ("random", random))}
+    skews = {
+        name: label_skew(s.batches(), labels)
+        for name, s in (("stratified", stratified), ("grouped", grouped), ("random", random))
+    }
     # Length grouping makes one-class batches here; stratified batches mix better than random.
     assert skews["stratified"] < 0.5 * skews["random"] < 0.5 * skews["grouped"], skews
     positives = [sum(labels[i] for i in b) for b in stratified.batches() if len(b) == 16]
@@ -59,8 +63,9 @@ def test_eval_batches_are_sorted_longest_first():
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_pad_collator_pads_to_multiple_of_8(side):
-    batch = PadCollator(pad_token_id=0, padding_side=side)([{"input_ids": [5] * 9, "labels": 1},
-                                                            {"input_ids": [6, 7], "labels": 0}])
+    batch = PadCollator(pad_token_id=0, padding_side=side)(
+        [{"input_ids": [5] * 9, "labels": 1}, {"input_ids": [6, 7], "labels": 0}]
+    )
     assert batch["input_ids"].shape == (2, 16)
     assert batch["attention_mask"].sum().item() == 11
     row = batch["input_ids"][1].tolist()
@@ -70,11 +75,13 @@ def test_pad_collator_pads_to_multiple_of_8(side):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_collator_pads_segment_ids_with_zeros(side):
-    batch = PadCollator(pad_token_id=0, padding_side=side)([
-        {"input_ids": [5, 6, 7], "token_type_ids": [0, 1, 1]},
-        {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13], "token_type_ids": [0] * 4 + [1] * 5}])
+    batch = PadCollator(pad_token_id=0, padding_side=side)(
+        [
+            {"input_ids": [5, 6, 7], "token_type_ids": [0, 1, 1]},
+            {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13], "token_type_ids": [0] * 4 + [1] * 5},
+        ]
+    )
     assert batch["token_type_ids"].shape == batch["input_ids"].shape == (2, 16)
     row = batch["token_type_ids"][0].tolist()
     assert row == ([0, 1, 1] + [0] * 13 if side == "right" else [0] * 13 + [0, 1, 1])
     assert batch["token_type_ids"][1].sum() == 5
-

@@ -22,8 +22,9 @@ def no_dropout_model(tmp_path_factory, tiny_encoder):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = tmp_path_factory.mktemp("no-dropout")
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_encoder, hidden_dropout_prob=0.0,
-                                                               attention_probs_dropout_prob=0.0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_encoder, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_encoder).save_pretrained(path)
     return path
@@ -31,10 +32,20 @@ def no_dropout_model(tmp_path_factory, tiny_encoder):
 
 def _launch(args, cwd, nproc):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
-        if nproc > 1 else [sys.executable]
-    return subprocess.Popen([*prefix, "-m", "peftlab.cli", *map(str, args)], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    prefix = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    return subprocess.Popen(
+        [*prefix, "-m", "peftlab.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _kill_tree(pid: int) -> None:
@@ -62,8 +73,15 @@ def _report(cwd, name):
 
 
 def test_two_processes_match_one(no_dropout_model, sentiment_dir, tmp_path):
-    settings = [f"model={no_dropout_model}", f"dataset={sentiment_dir}", "precision=fp32", "method=full",
-                "lr=3e-3", "epochs=3", "log_every=1"]
+    settings = [
+        f"model={no_dropout_model}",
+        f"dataset={sentiment_dir}",
+        "precision=fp32",
+        "method=full",
+        "lr=3e-3",
+        "epochs=3",
+        "log_every=1",
+    ]
     procs = {n: _launch(["run", *settings, "--name", f"p{n}"], tmp_path, n) for n in (1, 2)}
     for n, proc in procs.items():
         out, err = proc.communicate(timeout=600)
@@ -85,8 +103,14 @@ def test_two_processes_match_one(no_dropout_model, sentiment_dir, tmp_path):
 def test_two_process_run_killed_and_resumed(no_dropout_model, tmp_path):
     write_csv(tmp_path / "train.csv", *make_texts(1600, seed=21))
     write_csv(tmp_path / "test.csv", *make_texts(80, seed=22))
-    settings = [f"model={no_dropout_model}", f"dataset={tmp_path}", "precision=fp32", "lr=5e-3", "epochs=2",
-                "save_every=5"]
+    settings = [
+        f"model={no_dropout_model}",
+        f"dataset={tmp_path}",
+        "precision=fp32",
+        "lr=5e-3",
+        "epochs=2",
+        "save_every=5",
+    ]
     proc = _launch(["run", *settings, "--name", "killed"], tmp_path, 2)
     state_file = tmp_path / "runs" / "killed" / "checkpoints" / "last" / "state.json"
     deadline = time.time() + 300
@@ -113,8 +137,9 @@ def test_two_process_run_killed_and_resumed(no_dropout_model, tmp_path):
     assert a["finetuned"]["accuracy"] == b["finetuned"]["accuracy"]
 
 
-@pytest.mark.parametrize("name,strategy", [("fsdp.yaml", "FSDP"), ("deepspeed_zero3.yaml", "DEEPSPEED"),
-                                           ("multi_cpu.yaml", "MULTI_CPU")])
+@pytest.mark.parametrize(
+    "name,strategy", [("fsdp.yaml", "FSDP"), ("deepspeed_zero3.yaml", "DEEPSPEED"), ("multi_cpu.yaml", "MULTI_CPU")]
+)
 def test_launcher_configs_parse_and_name_their_strategy(name, strategy):
     from accelerate.commands.config.config_args import ClusterConfig
 

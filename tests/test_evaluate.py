@@ -17,8 +17,15 @@ def test_metrics_match_hand_computation():
     assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3)
     assert m["macro_f1"] == pytest.approx(0.8)
     assert m["confusion_matrix"] == [[2, 1], [0, 2]]
-    expected_loss = np.mean([math.log1p(math.exp(-2)), math.log1p(math.exp(-1)), math.log1p(math.exp(3)),
-                             math.log1p(math.exp(-1)), math.log1p(math.exp(-2))])
+    expected_loss = np.mean(
+        [
+            math.log1p(math.exp(-2)),
+            math.log1p(math.exp(-1)),
+            math.log1p(math.exp(3)),
+            math.log1p(math.exp(-1)),
+            math.log1p(math.exp(-2)),
+        ]
+    )
     assert m["loss"] == pytest.approx(expected_loss)
 
 

@@ -17,21 +17,43 @@ from peftlab.experiment import run_experiment
 
 def peftlab_cli(*args, stdin=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "peftlab.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, input=stdin, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "peftlab.cli", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=600,
+    )
 
 
 def _cfg(tiny_encoder, tmp_path, *extra):
-    return load_config(None, [f"model={tiny_encoder}", f"output_dir={tmp_path / 'runs'}", "precision=fp32",
-                              "max_steps=2", "batch_size=8", *extra])
+    return load_config(
+        None,
+        [
+            f"model={tiny_encoder}",
+            f"output_dir={tmp_path / 'runs'}",
+            "precision=fp32",
+            "max_steps=2",
+            "batch_size=8",
+            *extra,
+        ],
+    )
 
 
 def test_sentence_pairs_from_a_dataframe_run_and_are_reported(tiny_encoder, tmp_path):
     texts, labels = make_texts(48, seed=6)
     df = pd.DataFrame({"premise": texts, "hypothesis": [t.split()[0] for t in texts], "label": labels})
     df = pd.concat([df, df.head(4)])  # four repeated rows: they leak into the carved test set or stay in train
-    cfg = _cfg(tiny_encoder, tmp_path, "dataset=pairs-frame", "text_pair_column=hypothesis", "max_length=12",
-               "truncation=head+tail", "name=pairs")
+    cfg = _cfg(
+        tiny_encoder,
+        tmp_path,
+        "dataset=pairs-frame",
+        "text_pair_column=hypothesis",
+        "max_length=12",
+        "truncation=head+tail",
+        "name=pairs",
+    )
     bundle = load_data(cfg.data, source=df)
     report = run_experiment(cfg, bundle=bundle, baseline=False, reload=False)
     data = report["data"]
@@ -55,8 +77,9 @@ def test_pair_predictions_use_segment_ids(pretrained_encoder, tmp_path):
     # token_type_ids out would change the predictions visibly.
     base = AutoModelForSequenceClassification.from_pretrained(pretrained_encoder)
     with torch.no_grad():
-        base.bert.embeddings.token_type_embeddings.weight[1] += torch.randn(base.config.hidden_size,
-                                                                            generator=torch.Generator().manual_seed(0))
+        base.bert.embeddings.token_type_embeddings.weight[1] += torch.randn(
+            base.config.hidden_size, generator=torch.Generator().manual_seed(0)
+        )
     base.save_pretrained(tmp_path / "base")
     tok = AutoTokenizer.from_pretrained(pretrained_encoder)
     tok.save_pretrained(tmp_path / "base")
@@ -91,8 +114,7 @@ def test_pair_predictions_use_segment_ids(pretrained_encoder, tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "sst2").is_dir(), reason="../shared/data not beside the checkout")
 def test_sst2_mirror_experiment_reports_no_overlap(tiny_encoder, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTLAB_DATA_DIR", str(SHARED_DATA))
-    cfg = _cfg(tiny_encoder, tmp_path, "dataset=glue/sst2", "max_train_samples=64", "max_eval_samples=32",
-               "name=sst2")
+    cfg = _cfg(tiny_encoder, tmp_path, "dataset=glue/sst2", "max_train_samples=64", "max_eval_samples=32", "name=sst2")
     report = run_experiment(cfg, baseline=False, reload=False)
     assert report["data"]["train_size"] == 64 and report["label_names"] == ["negative", "positive"]
     md = (tmp_path / "runs" / "sst2" / "report.md").read_text()

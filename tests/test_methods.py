@@ -24,7 +24,8 @@ from peftlab.optim import build_optimizer
 # (method, tiny model kind): every method that runs without CUDA (not qlora and loftq), on
 # the encoder, and the decoder-specific paths (last-token pooling, pitfall 4) on the decoder.
 CASES = [(m, "encoder") for m, spec in METHODS.items() if not spec.needs_cuda] + [
-    (m, "decoder") for m in ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")]
+    (m, "decoder") for m in ("lora", "ia3", "prompt_tuning", "prefix_tuning", "p_tuning")
+]
 # On the tiny decoder p_tuning's prompt encoder does not learn the task in one epoch (at any
 # seed or lr tried); it does on the tiny encoder. Strict: the test says so when that changes.
 DOES_NOT_LEARN = {("p_tuning", "decoder")}
@@ -58,8 +59,19 @@ print(json.dumps(out))
 
 
 def _cfg(model, data, method, *extra):
-    return load_config(None, [f"model={model}", f"dataset={data}", f"method={method}", "precision=fp32",
-                              "batch_size=16", "log_every=2", "save_every=0", *extra])
+    return load_config(
+        None,
+        [
+            f"model={model}",
+            f"dataset={data}",
+            f"method={method}",
+            "precision=fp32",
+            "batch_size=16",
+            "log_every=2",
+            "save_every=0",
+            *extra,
+        ],
+    )
 
 
 def _train(cfg, adapter_dir=None):
@@ -73,17 +85,27 @@ def _train(cfg, adapter_dir=None):
     model = apply_method(model, cfg.method)
 
     def adapter_weights():
-        return {n: p.detach().clone() for n, p in model.named_parameters()
-                if p.requires_grad and not any(f"{h}." in n for h in heads)}
+        return {
+            n: p.detach().clone()
+            for n, p in model.named_parameters()
+            if p.requires_grad and not any(f"{h}." in n for h in heads)
+        }
 
     before = adapter_weights()
     summary = train_native(model, tokenize(tok, bundle.train.texts, bundle.train.labels, 64), collate, cfg, "fp32")
     moved = max(((p - before[n]).abs().max().item() for n, p in adapter_weights().items()), default=0.0)
     logits = predict_logits(model, tokenize(tok, bundle.test.texts, None, 64), collate, 8)
     if adapter_dir is not None:
-        meta = {"base_model": cfg.model.name, "label_names": bundle.label_names, "head_modules": heads,
-                "method": cfg.to_dict()["method"], "max_length": 64, "base_model_fingerprint": fingerprint,
-                "data": {"dataset": cfg.data.dataset}, "metrics": {}}
+        meta = {
+            "base_model": cfg.model.name,
+            "label_names": bundle.label_names,
+            "head_modules": heads,
+            "method": cfg.to_dict()["method"],
+            "max_length": 64,
+            "base_model_fingerprint": fingerprint,
+            "data": {"dataset": cfg.data.dataset},
+            "metrics": {},
+        }
         artifacts.save_adapter(model, adapter_dir, meta, tok)
     return model, tok, bundle, logits, summary, moved
 
@@ -96,15 +118,28 @@ def trained(pretrained_encoder, pretrained_decoder, sentiment_dir, tmp_path_fact
     results, dirs = {}, {}
     for method, kind in CASES:
         case = f"{method}-{kind}"
-        cfg = _cfg(pretrained_encoder if kind == "encoder" else pretrained_decoder, sentiment_dir, method,
-                   "epochs=1", f"lr={TEST_LR.get(method, 1e-2)}")
+        cfg = _cfg(
+            pretrained_encoder if kind == "encoder" else pretrained_decoder,
+            sentiment_dir,
+            method,
+            "epochs=1",
+            f"lr={TEST_LR.get(method, 1e-2)}",
+        )
         model, _, bundle, logits, summary, moved = _train(cfg, root / case)
         accuracy = float((logits.argmax(1) == np.array(bundle.test.labels)).mean())
-        results[case] = {"logits": logits, "summary": summary, "trainable": count_parameters(model)[0],
-                         "accuracy": accuracy, "moved": moved}
+        results[case] = {
+            "logits": logits,
+            "summary": summary,
+            "trainable": count_parameters(model)[0],
+            "accuracy": accuracy,
+            "moved": moved,
+        }
         dirs[case] = str(root / case)
-    out = subprocess.run([sys.executable, "-c", RELOAD_ALL, json.dumps(dirs), json.dumps(bundle.test.texts)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", RELOAD_ALL, json.dumps(dirs), json.dumps(bundle.test.texts)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     for case, logits in json.loads(out.stdout).items():
         results[case]["reloaded"] = np.array(logits, dtype=np.float32)
@@ -147,7 +182,8 @@ def test_methods_learn_the_task_on_minilm(sentiment_dir, tmp_path, method):
 
 
 def test_adalora_reallocates_ranks(tiny_encoder, sentiment_dir):
-    """Pitfall 10: update_and_allocate runs every step, with the real step count, and prunes ranks."""
+    """AdaLoRA's update_and_allocate runs every step, with the real step count, and prunes ranks
+    (without it AdaLoRA is plain LoRA: pitfall 10)."""
     cfg = _cfg(tiny_encoder, sentiment_dir, "adalora", "max_steps=12", "lr=1e-2")
     model, *_ = _train(cfg)
     config = model.peft_config["default"]
@@ -172,12 +208,15 @@ def test_lora_plus_trains_b_faster(tiny_encoder, sentiment_dir, tmp_path):
     assert max(g["lr"] for g in trainer.optimizer.param_groups) == pytest.approx(16e-3)
 
 
-@pytest.mark.parametrize("method,extra,head_rate,other_rate", [
-    ("bitfit", [], 1e-1, 1e-3),              # default: the random head far above the biases
-    ("prompt_tuning", [], 1e-1, 3e-2),
-    ("lora", [], 1e-3, 1e-3),                # default: one rate
-    ("lora", ["head_lr=3e-2"], 3e-2, 1e-3),  # asked for
-])
+@pytest.mark.parametrize(
+    "method,extra,head_rate,other_rate",
+    [
+        ("bitfit", [], 1e-1, 1e-3),  # default: the random head far above the biases
+        ("prompt_tuning", [], 1e-1, 3e-2),
+        ("lora", [], 1e-3, 1e-3),  # default: one rate
+        ("lora", ["head_lr=3e-2"], 3e-2, 1e-3),  # asked for
+    ],
+)
 def test_head_trains_at_its_own_rate(tiny_encoder, sentiment_dir, method, extra, head_rate, other_rate):
     cfg = _cfg(tiny_encoder, sentiment_dir, method, *extra)
     model = apply_method(load_model(cfg.model, 2)[0], cfg.method)
@@ -191,7 +230,7 @@ def test_head_trains_at_its_own_rate(tiny_encoder, sentiment_dir, method, extra,
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
 def test_decoder_prompt_methods_pool_the_last_real_token(tiny_decoder, sentiment_dir, method):
-    """Pitfall 4: a text's logits are the same alone and inside a right-padded batch."""
+    """Last-token pooling: a text's logits are the same alone and inside a right-padded batch (pitfall 4)."""
     cfg = _cfg(tiny_decoder, sentiment_dir, method)
     torch.manual_seed(0)
     model, tok, _ = load_model(cfg.model, 2)
@@ -226,7 +265,7 @@ def test_encoder_prompt_methods_pool_cls(tiny_encoder, sentiment_dir, method):
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "bitfit"])
 def test_export_merged_model_matches_adapter(tiny_cfg, tmp_path, method):
-    """Pitfall 6: the merged standalone model predicts as the adapter did (fp32: to 1e-5)."""
+    """The merged standalone model predicts as the adapter did (fp32: to 1e-5; merged vs adapter, pitfall 6)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tiny_cfg.method.name = method
@@ -267,8 +306,9 @@ def test_unavailable_methods_and_devices_fail_clearly(tiny_cfg, tiny_decoder, mo
     # Prefix tuning needs a backbone that takes an attention cache; DistilBERT's does not.
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    distilbert = DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=60, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64))
+    distilbert = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=60, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64)
+    )
     tiny_cfg.method.name = "prefix_tuning"
     with pytest.raises(PeftlabError, match="does not accept: use prompt_tuning"):
         apply_method(distilbert, tiny_cfg.method)
@@ -281,8 +321,9 @@ def test_unavailable_methods_and_devices_fail_clearly(tiny_cfg, tiny_decoder, mo
 
 
 def test_methods_command_lists_every_method(tiny_encoder):
-    out = subprocess.run([sys.executable, "-m", "peftlab.cli", "methods", "--model", tiny_encoder],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "peftlab.cli", "methods", "--model", tiny_encoder], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = {line.split()[0]: line for line in out.stdout.splitlines()[2:] if line.strip()}
     assert set(METHODS) <= set(lines)

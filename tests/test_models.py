@@ -45,7 +45,7 @@ def test_head_names_found(tiny_encoder, tiny_decoder):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_decoder_logits_same_alone_and_in_padded_batch(tiny_decoder, side):
-    """Pitfall 4: last-token pooling must find the last real token whatever the padding."""
+    """Last-token pooling must find the last real token whatever the padding (pitfall 4)."""
     torch.manual_seed(0)
     model, tokenizer, _ = load_model(ModelConfig(name=tiny_decoder), 2)
     model.eval()

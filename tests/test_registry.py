@@ -13,9 +13,15 @@ from peftlab.methods.registry import ARTIFACTS, FAMILIES
 from peftlab.models import head_module_names, load_model
 
 # peft config classes by family: an entry's builder must make its family's kind of adapter.
-PEFT_TYPES = {"lora": "LORA", "adalora": "ADALORA", "scaling": "IA3", "hadamard/kronecker": ("LOHA", "LOKR"),
-              "vera": "VERA", "orthogonal": ("BOFT", "OFT"),
-              "prompt": ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")}
+PEFT_TYPES = {
+    "lora": "LORA",
+    "adalora": "ADALORA",
+    "scaling": "IA3",
+    "hadamard/kronecker": ("LOHA", "LOKR"),
+    "vera": "VERA",
+    "orthogonal": ("BOFT", "OFT"),
+    "prompt": ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"),
+}
 
 
 def _rank_two_lora(cfg, targets, common):
@@ -58,8 +64,15 @@ def test_a_new_method_is_one_registry_entry(tiny_encoder, sentiment_dir, monkeyp
     from peftlab import artifacts
     from peftlab.report import model_card
 
-    spec = MethodSpec(name="lora_r2", family="lora", lr=2e-3, head_lr=4e-2, about="LoRA fixed at rank 2",
-                      peft_config=_rank_two_lora, b_lr_ratio_field="lora_plus_ratio")
+    spec = MethodSpec(
+        name="lora_r2",
+        family="lora",
+        lr=2e-3,
+        head_lr=4e-2,
+        about="LoRA fixed at rank 2",
+        peft_config=_rank_two_lora,
+        b_lr_ratio_field="lora_plus_ratio",
+    )
     monkeypatch.setitem(METHODS, "lora_r2", spec)
     cfg = load_config(None, [f"model={tiny_encoder}", f"dataset={sentiment_dir}", "method=lora_r2"])
     assert (cfg.lr, cfg.head_lr, cfg.b_lr_ratio) == (2e-3, 4e-2, cfg.method.lora_plus_ratio)
@@ -67,8 +80,12 @@ def test_a_new_method_is_one_registry_entry(tiny_encoder, sentiment_dir, monkeyp
     heads = head_module_names(model)
     model = apply_method(model, cfg.method)
     assert model.peft_config["default"].r == 2 and count_parameters(model)[0] > 0
-    meta = {"base_model": tiny_encoder, "label_names": ["neg", "pos"], "head_modules": heads,
-            "method": {"name": "lora_r2"}}
+    meta = {
+        "base_model": tiny_encoder,
+        "label_names": ["neg", "pos"],
+        "head_modules": heads,
+        "method": {"name": "lora_r2"},
+    }
     artifacts.save_adapter(model, tmp_path / "adapter", meta, tok)
     reloaded, _, _ = artifacts.load_adapter(tmp_path / "adapter")
     assert reloaded.peft_config["default"].r == 2

@@ -37,7 +37,8 @@ def test_confident_mistakes_are_wrong_and_sorted_by_confidence():
 
 def test_read_metrics_log_splits_training_and_validation(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
-        json.dumps({"step": 5, "loss": 0.7, "lr": 1e-3}) + "\n" + json.dumps({"step": 5, "val_loss": 0.6}) + "\n")
+        json.dumps({"step": 5, "loss": 0.7, "lr": 1e-3}) + "\n" + json.dumps({"step": 5, "val_loss": 0.6}) + "\n"
+    )
     train_log, val_log = read_metrics_log(tmp_path / "metrics.jsonl")
     assert [e["loss"] for e in train_log] == [0.7] and [e["val_loss"] for e in val_log] == [0.6]
     assert read_metrics_log(tmp_path / "absent.jsonl") == ([], [])
@@ -49,9 +50,21 @@ def html_run(tiny_encoder, sentiment_dir, tmp_path_factory):
     from peftlab.config import load_config
     from peftlab.experiment import run_experiment
 
-    cfg = load_config(None, [f"model={tiny_encoder}", f"dataset={sentiment_dir}", "precision=fp32",
-                             f"output_dir={tmp_path_factory.mktemp('runs')}", "name=html", "max_steps=6",
-                             "batch_size=16", "log_every=2", "validation_size=0.1", "eval_every=3"])
+    cfg = load_config(
+        None,
+        [
+            f"model={tiny_encoder}",
+            f"dataset={sentiment_dir}",
+            "precision=fp32",
+            f"output_dir={tmp_path_factory.mktemp('runs')}",
+            "name=html",
+            "max_steps=6",
+            "batch_size=16",
+            "log_every=2",
+            "validation_size=0.1",
+            "eval_every=3",
+        ],
+    )
     report = run_experiment(cfg)
     return report, cfg
 
@@ -68,14 +81,17 @@ def test_run_writes_self_contained_html_and_png_plots(html_run):
     # Nothing fetched from the network: no scripts, no external URLs.
     assert "<script" not in page and "http://" not in page and "https://" not in page
     assert sorted(p.name for p in (run_dir / "plots").iterdir()) == [
-        "confusion_matrices.png", "per_class_f1.png", "pr_roc_curves.png", "training_curves.png"]
+        "confusion_matrices.png",
+        "per_class_f1.png",
+        "pr_roc_curves.png",
+        "training_curves.png",
+    ]
     assert (run_dir / "plots" / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["resources"]["peak_rss_mb"] > 0
 
 
 def test_html_without_matplotlib_has_tables_and_says_why(html_run, monkeypatch, tmp_path):
-    from peftlab import plots
-    from peftlab.report import write_html_report
+    from peftlab.report import plots, write_html_report
 
     report, _ = html_run
     monkeypatch.setattr(plots, "matplotlib_available", lambda: False)
@@ -129,8 +145,19 @@ def test_ia3_model_card_snippet_loads_with_plain_peft(tiny_encoder, sentiment_di
     from peftlab.config import load_config
     from peftlab.experiment import run_experiment
 
-    cfg = load_config(None, [f"model={tiny_encoder}", f"dataset={sentiment_dir}", "method=ia3", "precision=fp32",
-                             f"output_dir={tmp_path}", "name=ia3", "max_steps=2", "batch_size=16"])
+    cfg = load_config(
+        None,
+        [
+            f"model={tiny_encoder}",
+            f"dataset={sentiment_dir}",
+            "method=ia3",
+            "precision=fp32",
+            f"output_dir={tmp_path}",
+            "name=ia3",
+            "max_steps=2",
+            "batch_size=16",
+        ],
+    )
     adapter_dir = Path(run_experiment(cfg, baseline=False, reload=False)["adapter"]["dir"])
     card = (adapter_dir / "README.md").read_text()
     assert _card_front_matter(card)["library_name"] == "peft"
@@ -142,15 +169,29 @@ def _fake_report(method: str) -> dict:
     from peftlab.config import load_config
 
     cfg = load_config(None, [f"method={method}", "model=org/base-model", "dataset=sms_spam"])
-    per_class = {"ham": {"precision": 0.9, "recall": 0.9, "f1": 0.9}, "spam": {"precision": 0.8, "recall": 0.8, "f1": 0.8}}
+    per_class = {
+        "ham": {"precision": 0.9, "recall": 0.9, "f1": 0.9},
+        "spam": {"precision": 0.8, "recall": 0.8, "f1": 0.8},
+    }
     return {
-        "name": f"card-{method}", "config": cfg.to_dict(), "label_names": ["ham", "spam"], "baseline": None,
-        "data": {"dataset": "sms_spam", "source": "the mirror", "split": "given", "train_size": 100, "test_size": 20,
-                 "train_label_counts": {"ham": 80, "spam": 20}, "fingerprint": "abc123"},
+        "name": f"card-{method}",
+        "config": cfg.to_dict(),
+        "label_names": ["ham", "spam"],
+        "baseline": None,
+        "data": {
+            "dataset": "sms_spam",
+            "source": "the mirror",
+            "split": "given",
+            "train_size": 100,
+            "test_size": 20,
+            "train_label_counts": {"ham": 80, "spam": 20},
+            "fingerprint": "abc123",
+        },
         "finetuned": {"loss": 0.3, "accuracy": 0.9, "macro_f1": 0.85, "per_class": per_class},
         "model": {"class": "BertForSequenceClassification", "total_params": 1000},
         "method": {"name": method, "trainable_params": 10, "total_params": 1000},
-        "adapter": {"size_bytes": 4000}, "train": {"train_seconds": 1.0, "train_samples_per_s": 100.0},
+        "adapter": {"size_bytes": 4000},
+        "train": {"train_seconds": 1.0, "train_samples_per_s": 100.0},
     }
 
 
@@ -210,15 +251,33 @@ def test_report_html_renders_in_headless_chromium(html_run, tmp_path):
     report, _ = html_run
     page = f"{report['run_dir']}/report.html"
     out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-         # Every host unresolvable, so it renders as offline (test above: the page names no URL).
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--enable-logging=stderr", "--v=0", "--dump-dom",
-         f"file://{page}"],
-        capture_output=True, text=True, timeout=120)
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--no-first-run",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            # Every host unresolvable, so it renders as offline (test above: the page names no URL).
+            "--host-resolver-rules=MAP * ~NOTFOUND",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--dump-dom",
+            f"file://{page}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    console = [line for line in out.stderr.splitlines()
-               if "CONSOLE" in line or "Uncaught" in line or "Failed to load resource" in line]
+    console = [
+        line
+        for line in out.stderr.splitlines()
+        if "CONSOLE" in line or "Uncaught" in line or "Failed to load resource" in line
+    ]
     assert console == []
     dom = _Elements()
     dom.feed(out.stdout)

@@ -17,9 +17,14 @@ from peftlab.experiment import run_experiment
 
 
 def _cli(*args, cwd):
-    return subprocess.Popen([sys.executable, "-m", "peftlab.cli", *map(str, args)], cwd=cwd,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "peftlab.cli", *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +36,14 @@ def big_data(tmp_path_factory):
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_encoder, big_data, tmp_path):
-    settings = [f"model={tiny_encoder}", f"dataset={big_data}", "precision=fp32", "epochs=2", "save_every=10",
-                "lr=5e-3"]
+    settings = [
+        f"model={tiny_encoder}",
+        f"dataset={big_data}",
+        "precision=fp32",
+        "epochs=2",
+        "save_every=10",
+        "lr=5e-3",
+    ]
     # 1. the interrupted run: killed as soon as a mid-epoch checkpoint exists
     proc = _cli("run", *settings, "--name", "killed", cwd=tmp_path)
     state_file = tmp_path / "runs" / "killed" / "checkpoints" / "last" / "state.json"
@@ -107,8 +118,11 @@ def test_early_stopping_stops_when_validation_stops_improving(tiny_cfg):
 def test_diverging_loss_stops_with_a_clear_message(tiny_cfg):
     cfg = tiny_cfg
     cfg.train.lr, cfg.train.log_every, cfg.train.save_every, cfg.train.max_grad_norm = 1e30, 1, 1, 0
-    with pytest.raises(PeftlabError, match=r"training loss became nan by step \d+: the run diverged; the last "
-                                           r"good checkpoint is kept in .*lower the learning rate"):
+    with pytest.raises(
+        PeftlabError,
+        match=r"training loss became nan by step \d+: the run diverged; the last "
+        r"good checkpoint is kept in .*lower the learning rate",
+    ):
         run_experiment(cfg, baseline=False)
     run_dir = Path(cfg.output_dir) / cfg.name
     assert (run_dir / "FAILED.txt").read_text().startswith("PeftlabError: training loss became nan")
@@ -118,8 +132,18 @@ def test_diverging_loss_stops_with_a_clear_message(tiny_cfg):
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_encoder, big_data, tmp_path):
     """SIGINT mid-training: the step finishes, a checkpoint is written, the run exits 130
     with the resume command; resuming finishes the run."""
-    proc = _cli("run", f"model={tiny_encoder}", f"dataset={big_data}", "precision=fp32", "epochs=1",
-                "save_every=0", "log_every=1", "--name", "stopped", cwd=tmp_path)
+    proc = _cli(
+        "run",
+        f"model={tiny_encoder}",
+        f"dataset={big_data}",
+        "precision=fp32",
+        "epochs=1",
+        "save_every=0",
+        "log_every=1",
+        "--name",
+        "stopped",
+        cwd=tmp_path,
+    )
     metrics = tmp_path / "runs" / "stopped" / "metrics.jsonl"
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline and not (metrics.is_file() and metrics.read_text()):
@@ -128,8 +152,10 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tiny_encoder, big_data
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
     run_dir = tmp_path / "runs" / "stopped"
-    assert err.strip().splitlines()[-1] == \
-        "peftlab: error: interrupted; a checkpoint is saved: continue with `peftlab run --resume runs/stopped`"
+    assert (
+        err.strip().splitlines()[-1]
+        == "peftlab: error: interrupted; a checkpoint is saved: continue with `peftlab run --resume runs/stopped`"
+    )
     step = json.loads((run_dir / "checkpoints" / "last" / "state.json").read_text())["step"]
     assert 0 < step < 150  # mid-run: 2,400 texts are 150 steps
     resumed = _cli("run", "--resume", run_dir, cwd=tmp_path)

@@ -17,8 +17,9 @@ from peftlab.sweep import combinations, load_sweep, run_name
 
 def test_grid_is_split_off_the_config_and_expanded_in_order(tmp_path):
     path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"train": {"epochs": 2}, "sweep": {"method.name": ["lora", "head"],
-                                                                      "train.lr": [1e-3, 5e-3]}}))
+    path.write_text(
+        yaml.safe_dump({"train": {"epochs": 2}, "sweep": {"method.name": ["lora", "head"], "train.lr": [1e-3, 5e-3]}})
+    )
     base, grid = load_sweep(path, ["sweep.train.seed=[1, 2]", "batch_size=8"])
     assert base.train.epochs == 2 and base.train.batch_size == 8
     combos = combinations(grid)
@@ -39,16 +40,24 @@ def test_invalid_combinations_are_all_reported_before_any_run(tmp_path):
     from peftlab.sweep import plan
 
     base, grid = load_sweep(None, ["sweep.method.name=[lora, nosuch]", "sweep.lr=[1e-3, 2e-3]"])
-    with pytest.raises(PeftlabError, match=r"invalid sweep: s/method.name=nosuch,lr=0.001: .*; s/method.name=nosuch,lr=0.002"):
+    with pytest.raises(
+        PeftlabError, match=r"invalid sweep: s/method.name=nosuch,lr=0.001: .*; s/method.name=nosuch,lr=0.002"
+    ):
         plan(base, grid, "s")
 
 
 def test_killed_sweep_restarts_with_the_remaining_runs(tiny_encoder, sentiment_dir, tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": tiny_encoder}, "data": {"dataset": str(sentiment_dir)},
-        "train": {"max_steps": 2, "precision": "fp32", "batch_size": 16},
-        "sweep": {"method.name": ["lora", "head"], "train.lr": [1e-3, 5e-3]}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": tiny_encoder},
+                "data": {"dataset": str(sentiment_dir)},
+                "train": {"max_steps": 2, "precision": "fp32", "batch_size": 16},
+                "sweep": {"method.name": ["lora", "head"], "train.lr": [1e-3, 5e-3]},
+            }
+        )
+    )
     cmd = [sys.executable, "-m", "peftlab.cli", "sweep", "--config", str(path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     sweep_dir = tmp_path / "runs" / "grid"
@@ -74,8 +83,9 @@ def test_killed_sweep_restarts_with_the_remaining_runs(tiny_encoder, sentiment_d
     assert (sweep_dir / "leaderboard.md").is_file() and (sweep_dir / "leaderboard.html").is_file()
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "sweeps").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_sweep_configs_plan(path):
     from peftlab.sweep import plan
 
@@ -85,10 +95,16 @@ def test_shipped_sweep_configs_plan(path):
 
 def test_run_killed_mid_training_is_resumed_not_restarted(tiny_encoder, sentiment_dir, tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": tiny_encoder}, "data": {"dataset": str(sentiment_dir)},
-        "train": {"max_steps": 30, "save_every": 5, "log_every": 5, "precision": "fp32", "batch_size": 8},
-        "sweep": {"method.name": ["lora", "head"]}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": tiny_encoder},
+                "data": {"dataset": str(sentiment_dir)},
+                "train": {"max_steps": 30, "save_every": 5, "log_every": 5, "precision": "fp32", "batch_size": 8},
+                "sweep": {"method.name": ["lora", "head"]},
+            }
+        )
+    )
     cmd = [sys.executable, "-m", "peftlab.cli", "sweep", "--config", str(path)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = tmp_path / "runs" / "grid" / "method.name=lora"
@@ -107,6 +123,9 @@ def test_run_killed_mid_training_is_resumed_not_restarted(tiny_encoder, sentimen
     assert out.returncode == 0, out.stderr
     assert "method.name=lora was killed part-way: resuming it from its last checkpoint" in out.stderr
     assert "resumed from step" in out.stderr and out.stderr.count("resuming it") == 1
-    steps = [json.loads(line)["step"] for line in (first / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (first / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == sorted(set(steps)) and steps[-1] == 30  # continued: no step logged twice

@@ -11,8 +11,20 @@ from peftlab.errors import PeftlabError
 def tiny_run(tiny_encoder, sentiment_dir, tmp_path, *extra):
     from peftlab.experiment import run_experiment
 
-    cfg = load_config(None, [f"model={tiny_encoder}", f"dataset={sentiment_dir}", f"output_dir={tmp_path}",
-                             "precision=fp32", "max_steps=4", "log_every=2", "batch_size=16", "name=t", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"model={tiny_encoder}",
+            f"dataset={sentiment_dir}",
+            f"output_dir={tmp_path}",
+            "precision=fp32",
+            "max_steps=4",
+            "log_every=2",
+            "batch_size=16",
+            "name=t",
+            *extra,
+        ],
+    )
     return Path(run_experiment(cfg, reload=False)["run_dir"])
 
 

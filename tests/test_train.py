@@ -31,7 +31,8 @@ def _lora_b(model):
 
 @pytest.mark.parametrize("engine", ["native", "trainer"])
 def test_both_engines_train_lora_and_head(tiny_cfg, tmp_path, engine):
-    """The Trainer must be able to train a PeftModel (pitfall 5), and LoRA B must move (pitfall 9)."""
+    """The Trainer must be able to train a PeftModel (label_names it cannot infer, pitfall 5), and
+    LoRA B must move (LoRA silently frozen, pitfall 9)."""
     cfg = tiny_cfg
     cfg.train.engine = engine
     cfg.train.epochs, cfg.train.lr = 2, 1e-2
@@ -45,8 +46,9 @@ def test_both_engines_train_lora_and_head(tiny_cfg, tmp_path, engine):
     assert summary.steps == 40
     # Both engines log the same metrics.jsonl entries: the report's loss and LR curves.
     logged, _ = read_metrics_log(tmp_path / "metrics.jsonl")
-    assert [(e["step"], round(e["loss"], 4)) for e in logged] == \
-        [(h["step"], round(h["loss"], 4)) for h in summary.loss_history]
+    assert [(e["step"], round(e["loss"], 4)) for e in logged] == [
+        (h["step"], round(h["loss"], 4)) for h in summary.loss_history
+    ]
     assert len(logged) >= 2 and logged[-1]["step"] == 40 and all(e["lr"] > 0 for e in logged[:-1])
     after_b = _lora_b(model)
     assert before_b and all(not torch.equal(before_b[n], after_b[n]) for n in before_b)
@@ -94,9 +96,18 @@ def test_engines_evaluate_identically(tiny_cfg, tmp_path):
 def test_training_is_deterministic(tiny_cfg):
     results = []
     for _ in range(2):
-        cfg = load_config(None, [f"{k}={v}" for k, v in (("model", tiny_cfg.model.name),
-                                                         ("dataset", tiny_cfg.data.dataset),
-                                                         ("precision", "fp32"), ("max_steps", 8))])
+        cfg = load_config(
+            None,
+            [
+                f"{k}={v}"
+                for k, v in (
+                    ("model", tiny_cfg.model.name),
+                    ("dataset", tiny_cfg.data.dataset),
+                    ("precision", "fp32"),
+                    ("max_steps", 8),
+                )
+            ],
+        )
         bundle, model, collate, train, test = _setup(cfg)
         model = apply_method(model, cfg.method)
         train_native(model, train, collate, cfg, "fp32")
@@ -106,6 +117,7 @@ def test_training_is_deterministic(tiny_cfg):
 
 def test_auto_batching_stratifies_only_where_length_predicts_the_label(caplog):
     from peftlab.data import TokenizedDataset
+
     rng = np.random.default_rng(0)
     labels = (rng.random(600) < 0.15).astype(int).tolist()
     predictive = [int(rng.integers(60, 120)) if y else int(rng.integers(5, 60)) for y in labels]
@@ -120,23 +132,29 @@ def test_auto_batching_stratifies_only_where_length_predicts_the_label(caplog):
     assert training_sampler(TokenizedDataset([[1] * n for n in unrelated], labels), 16, 0, "random").window == 1
 
 
-@pytest.mark.parametrize("cpu_flags,capability,onednn_isa,native", [
-    ("avx2 avx512f avx512_bf16 amx_bf16", "AVX512", None, True),
-    ("avx2 avx512f avx512_bf16 amx_bf16", "AVX512", "AVX512_CORE_AMX", True),
-    # The same CPU with its kernels held to AVX2 (as .ci/run's second pass does): bf16 is
-    # emulated there, some 300x slower than fp32, so auto must not pick it.
-    ("avx2 avx512f avx512_bf16 amx_bf16", "AVX2", None, False),
-    ("avx2 avx512f avx512_bf16 amx_bf16", "AVX512", "AVX2", False),
-    ("avx2 fma", "AVX2", None, False),  # an AVX2-only CPU
-])
+@pytest.mark.parametrize(
+    "cpu_flags,capability,onednn_isa,native",
+    [
+        ("avx2 avx512f avx512_bf16 amx_bf16", "AVX512", None, True),
+        ("avx2 avx512f avx512_bf16 amx_bf16", "AVX512", "AVX512_CORE_AMX", True),
+        # The same CPU with its kernels held to AVX2 (as .ci/run's second pass does): bf16 is
+        # emulated there, some 300x slower than fp32, so auto must not pick it.
+        ("avx2 avx512f avx512_bf16 amx_bf16", "AVX2", None, False),
+        ("avx2 avx512f avx512_bf16 amx_bf16", "AVX512", "AVX2", False),
+        ("avx2 fma", "AVX2", None, False),  # an AVX2-only CPU
+    ],
+)
 def test_auto_precision_picks_bf16_only_where_it_is_native(monkeypatch, cpu_flags, capability, onednn_isa, native):
     from pathlib import Path
 
     from peftlab.runtime import cpu_supports_bf16, resolve_precision
 
     read_text = Path.read_text
-    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: f"flags\t: {cpu_flags}\n"
-                        if str(self) == "/proc/cpuinfo" else read_text(self, *a, **k))
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda self, *a, **k: f"flags\t: {cpu_flags}\n" if str(self) == "/proc/cpuinfo" else read_text(self, *a, **k),
+    )
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     if onednn_isa is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)

@@ -1,10 +1,10 @@
 """peftlab: parameter-efficient fine-tuning of foundation models for text classification.
 
-    import peftlab
-    cfg = peftlab.load_config(None, ["epochs=1", "max_train_samples=500"])
-    report = peftlab.run_experiment(cfg)          # baseline, train, save, reload, compare
-    predict = peftlab.Predictor(report["adapter"]["dir"])
-    predict(["WINNER! Claim your prize now"])
+import peftlab
+cfg = peftlab.load_config(None, ["epochs=1", "max_train_samples=500"])
+report = peftlab.run_experiment(cfg)          # baseline, train, save, reload, compare
+predict = peftlab.Predictor(report["adapter"]["dir"])
+predict(["WINNER! Claim your prize now"])
 """
 
 __version__ = "0.1.0"

@@ -61,8 +61,10 @@ def save_adapter(model, adapter_dir: Path, meta: dict, tokenizer=None) -> Path:
     except (OSError, SafetensorError) as exc:
         # A full disk surfaces as safetensors' IoError text: name the cause, not the library.
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).strip().splitlines()[0][:120]
-        raise PeftlabError(f"could not write the adapter to {adapter_dir} ({reason}): free disk space (or fix "
-                           f"permissions) and run again; an earlier adapter there is unchanged") from None
+        raise PeftlabError(
+            f"could not write the adapter to {adapter_dir} ({reason}): free disk space (or fix "
+            f"permissions) and run again; an earlier adapter there is unchanged"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("saved %s adapter to %s (%.2f MB)", method, adapter_dir, dir_size(adapter_dir) / 1e6)
@@ -89,8 +91,12 @@ def _write_adapter(model, tmp: Path, meta: dict, tokenizer) -> None:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if spec.trains(k, heads)}
         save_file(state, tmp / HEAD_FILE)
     weights = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
-    meta = {**meta, "format_version": FORMAT_VERSION, "versions": package_versions(),
-            "weights_sha256": {name: sha256_file(tmp / name) for name in weights}}
+    meta = {
+        **meta,
+        "format_version": FORMAT_VERSION,
+        "versions": package_versions(),
+        "weights_sha256": {name: sha256_file(tmp / name) for name in weights},
+    }
     write_json_atomic(tmp / META_FILE, meta)
 
 
@@ -118,10 +124,12 @@ def read_meta(adapter_dir: Path) -> dict:
     missing = [k for k in ("base_model", "label_names", "method") if k not in meta]
     if missing:
         raise PeftlabError(f"{meta_path} lacks {missing}: it was not written by peftlab")
+    _check_format_version(meta, meta_path)
     meta["_dir"] = str(adapter_dir)
     if not isinstance(meta.get("weights_sha256"), dict) or not meta["weights_sha256"]:
-        log.warning("%s records no weight checksums (weights_sha256): the adapter's weights are not verified",
-                    meta_path)
+        log.warning(
+            "%s records no weight checksums (weights_sha256): the adapter's weights are not verified", meta_path
+        )
     for name, digest in (meta.get("weights_sha256") or {}).items():
         path = adapter_dir / name
         if not path.is_file():
@@ -134,6 +142,15 @@ def read_meta(adapter_dir: Path) -> dict:
     return meta
 
 
+def _check_format_version(meta: dict, meta_path: Path) -> None:
+    version = meta.get("format_version", 1)  # the first adapters wrote none
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PeftlabError(
+            f"{meta_path} was written by a newer peftlab (adapter format {version}, this one reads up "
+            f"to {FORMAT_VERSION}): upgrade peftlab"
+        )
+
+
 def _unfinished_run(run_dir: Path) -> PeftlabError:
     """The error for a run folder that holds no adapter yet: what happened and what to do."""
     failed = run_dir / "FAILED.txt"
@@ -141,10 +158,13 @@ def _unfinished_run(run_dir: Path) -> PeftlabError:
         why = failed.read_text(errors="replace").strip().splitlines()[0][:160]
         return PeftlabError(f"run {run_dir} failed ({why}), so it has no adapter: fix that and run it again")
     if (run_dir / "checkpoints" / "last").is_dir():
-        return PeftlabError(f"run {run_dir} is unfinished (no adapter yet): continue it with "
-                            f"`peftlab run --resume {run_dir}`")
-    return PeftlabError(f"run {run_dir} has no adapter yet: it is still running, or was stopped before its first "
-                        f"checkpoint (then run it again)")
+        return PeftlabError(
+            f"run {run_dir} is unfinished (no adapter yet): continue it with `peftlab run --resume {run_dir}`"
+        )
+    return PeftlabError(
+        f"run {run_dir} has no adapter yet: it is still running, or was stopped before its first "
+        f"checkpoint (then run it again)"
+    )
 
 
 def _check_adapter_config(adapter_dir: Path) -> None:
@@ -153,16 +173,22 @@ def _check_adapter_config(adapter_dir: Path) -> None:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise PeftlabError(f"adapter {adapter_dir} has no adapter_config.json: the adapter folder is incomplete; "
-                           f"retrain or restore it") from None
+        raise PeftlabError(
+            f"adapter {adapter_dir} has no adapter_config.json: the adapter folder is incomplete; retrain or restore it"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise PeftlabError(f"{path} is corrupted (not valid JSON): retrain or restore the adapter") from None
     if not isinstance(config, dict) or "peft_type" not in config:
         raise PeftlabError(f"{path} is not a peft adapter config (no peft_type): retrain or restore the adapter")
 
 
-def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = "fp32",
-                 trust_remote_code: bool = False, allow_pickle: bool = False):
+def load_adapter(
+    adapter_dir: Path,
+    model_name: str | None = None,
+    dtype: str = "fp32",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+):
     """Load a fresh base model with the saved adapter and head applied.
 
     Returns (model in eval mode, tokenizer, meta). `model_name` overrides the base model
@@ -184,17 +210,27 @@ def load_adapter(adapter_dir: Path, model_name: str | None = None, dtype: str = 
     base = model_name or meta["base_model"]
     if spec.artifact == "full":
         model, tokenizer, _ = load_model(
-            ModelConfig(name=str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code,
-                        allow_pickle=allow_pickle),
-            len(labels), labels,
+            ModelConfig(
+                name=str(adapter_dir), dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+            ),
+            len(labels),
+            labels,
             tokenizer=load_tokenizer(resolve(base), trust_remote_code)
-            if not (adapter_dir / "tokenizer_config.json").is_file() else None,
+            if not (adapter_dir / "tokenizer_config.json").is_file()
+            else None,
         )
     else:
         model, tokenizer, _ = load_model(
-            ModelConfig(name=base, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                        quantization=meta.get("quantization", "none")),
-            len(labels), labels)
+            ModelConfig(
+                name=base,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle,
+                quantization=meta.get("quantization", "none"),
+            ),
+            len(labels),
+            labels,
+        )
         _check_base(meta, base, base_fingerprint(model))
         if spec.artifact == "peft":
             model = _load_peft(model, adapter_dir, spec, base, meta["base_model"])
@@ -208,8 +244,10 @@ def _method_spec(meta: dict) -> MethodSpec:
     """The registry entry of the method recorded in `meta` (read_meta's), or a PeftlabError."""
     method = meta["method"].get("name") if isinstance(meta["method"], dict) else None
     if method not in METHODS:
-        raise PeftlabError(f"{meta['_dir']}: unknown method {method!r} in {META_FILE}: it was written by another "
-                           f"peftlab version or edited; retrain or restore it")
+        raise PeftlabError(
+            f"{meta['_dir']}: unknown method {method!r} in {META_FILE}: it was written by another "
+            f"peftlab version or edited; retrain or restore it"
+        )
     return METHODS[method]
 
 
@@ -226,8 +264,10 @@ def _load_peft(model, adapter_dir: Path, spec: MethodSpec, base: str, trained_on
     try:
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     except (SafetensorError, OSError) as exc:
-        raise PeftlabError(f"adapter weights in {adapter_dir} are unreadable ({str(exc)[:100]}): the file is "
-                           f"truncated or corrupted; retrain or restore it") from None
+        raise PeftlabError(
+            f"adapter weights in {adapter_dir} are unreadable ({str(exc)[:100]}): the file is "
+            f"truncated or corrupted; retrain or restore it"
+        ) from None
     except (RuntimeError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0][:200]
         raise PeftlabError(
@@ -246,8 +286,10 @@ def _load_head(model, adapter_dir: Path, base: str) -> None:
     try:
         state = load_file(adapter_dir / HEAD_FILE)
     except (SafetensorError, OSError) as exc:
-        raise PeftlabError(f"adapter weights {adapter_dir / HEAD_FILE} are unreadable ({str(exc)[:100]}): "
-                           f"the file is truncated or corrupted; retrain or restore it") from None
+        raise PeftlabError(
+            f"adapter weights {adapter_dir / HEAD_FILE} are unreadable ({str(exc)[:100]}): "
+            f"the file is truncated or corrupted; retrain or restore it"
+        ) from None
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise PeftlabError(f"head weights in {adapter_dir} do not fit {base!r}")
@@ -302,16 +344,24 @@ def export_merged(adapter_dir: Path, out_dir: Path, *, overwrite: bool = False, 
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         weights = sorted(p.name for p in tmp.iterdir() if p.suffix == ".safetensors")
-        write_json_atomic(tmp / "peftlab-export.json", {
-            "exported_from": meta["_dir"], "base_model": meta["base_model"], "method": meta["method"],
-            "label_names": meta["label_names"], "metrics": meta.get("metrics"), "versions": package_versions(),
-            "weights_sha256": {name: sha256_file(tmp / name) for name in weights},
-        })
+        write_json_atomic(
+            tmp / "peftlab-export.json",
+            {
+                "exported_from": meta["_dir"],
+                "base_model": meta["base_model"],
+                "method": meta["method"],
+                "label_names": meta["label_names"],
+                "metrics": meta.get("metrics"),
+                "versions": package_versions(),
+                "weights_sha256": {name: sha256_file(tmp / name) for name in weights},
+            },
+        )
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s (merged %s adapter) to %s (%.1f MB)", meta["base_model"], method, out_dir,
-             dir_size(out_dir) / 1e6)
+    log.info(
+        "exported %s (merged %s adapter) to %s (%.1f MB)", meta["base_model"], method, out_dir, dir_size(out_dir) / 1e6
+    )
     return out_dir
 
 
@@ -319,8 +369,10 @@ def _check_export_dir(out_dir: Path, overwrite: bool) -> None:
     """An export goes to a new or empty folder, or replaces an earlier export with `overwrite`:
     never a link, nor a folder that holds anything else."""
     if out_dir.is_symlink():
-        raise PeftlabError(f"export folder {out_dir} is a symbolic link: peftlab neither writes nor deletes "
-                           f"through links; choose another folder")
+        raise PeftlabError(
+            f"export folder {out_dir} is a symbolic link: peftlab neither writes nor deletes "
+            f"through links; choose another folder"
+        )
     if out_dir == Path.cwd() or out_dir in Path.cwd().parents:
         raise PeftlabError(f"export folder {out_dir} is the current folder or holds it: choose a new folder")
     if out_dir.exists() and not out_dir.is_dir():
@@ -328,8 +380,11 @@ def _check_export_dir(out_dir: Path, overwrite: bool) -> None:
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not (out_dir / "peftlab-export.json").is_file():
-        raise PeftlabError(f"export folder {out_dir} is not empty and holds no earlier export: peftlab replaces only "
-                           f"an earlier export, --overwrite or not; choose a new folder")
+        raise PeftlabError(
+            f"export folder {out_dir} is not empty and holds no earlier export: peftlab replaces only "
+            f"an earlier export, --overwrite or not; choose a new folder"
+        )
     if not overwrite:
-        raise PeftlabError(f"export folder {out_dir} already holds an export: pass --overwrite to replace it or "
-                           f"choose another folder")
+        raise PeftlabError(
+            f"export folder {out_dir} already holds an export: pass --overwrite to replace it or choose another folder"
+        )

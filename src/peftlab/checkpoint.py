@@ -30,8 +30,19 @@ OPTIMIZER = "optimizer.pt"
 
 # Settings a resumed run may change: where results go, logging and checkpoint frequency,
 # trackers and the token cache; none of them changes what is trained.
-RESUME_SAFE_KEYS = frozenset({"name", "output_dir", "overwrite", "data.data_dir", "data.token_cache",
-                              "train.log_every", "train.save_every", "train.tensorboard", "train.mlflow"})
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "name",
+        "output_dir",
+        "overwrite",
+        "data.data_dir",
+        "data.token_cache",
+        "train.log_every",
+        "train.save_every",
+        "train.tensorboard",
+        "train.mlflow",
+    }
+)
 
 
 @dataclass
@@ -77,10 +88,15 @@ def save(path: Path, model, state: dict, optimizer=None, scheduler=None, rng_sta
     try:
         save_file(trainable_state(model), tmp / WEIGHTS)
         if optimizer is not None:
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "torch_rng": rng_states or [torch.get_rng_state()],
-                        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                       tmp / OPTIMIZER)
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "torch_rng": rng_states or [torch.get_rng_state()],
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+                tmp / OPTIMIZER,
+            )
         write_json_atomic(tmp / STATE, state)
         replace_dir(tmp, path)
     finally:
@@ -96,18 +112,23 @@ def load_weights(path: Path, model) -> None:
     try:
         weights = load_file(path / WEIGHTS)
     except (OSError, SafetensorError) as exc:
-        raise PeftlabError(f"checkpoint {path / WEIGHTS} is unreadable ({str(exc)[:80]}): the file is "
-                           f"truncated or corrupted; start the run again with --overwrite") from None
+        raise PeftlabError(
+            f"checkpoint {path / WEIGHTS} is unreadable ({str(exc)[:80]}): the file is "
+            f"truncated or corrupted; start the run again with --overwrite"
+        ) from None
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
-        raise PeftlabError(f"checkpoint {path} does not fit this model ({missing[0]} unknown): "
-                           f"resume with the run's own config")
+        raise PeftlabError(
+            f"checkpoint {path} does not fit this model ({missing[0]} unknown): resume with the run's own config"
+        )
     wrong = [n for n, v in weights.items() if v.shape != params[n].shape]
     if wrong:
-        raise PeftlabError(f"checkpoint {path} does not fit this model ({wrong[0]} has shape "
-                           f"{tuple(weights[wrong[0]].shape)}, the model {tuple(params[wrong[0]].shape)}): "
-                           f"resume with the run's own config")
+        raise PeftlabError(
+            f"checkpoint {path} does not fit this model ({wrong[0]} has shape "
+            f"{tuple(weights[wrong[0]].shape)}, the model {tuple(params[wrong[0]].shape)}): "
+            f"resume with the run's own config"
+        )
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
@@ -120,11 +141,14 @@ def load(path: Path, model, optimizer, scheduler, rank: int = 0) -> TrainState:
         extra = torch.load(path / OPTIMIZER, weights_only=True)
     except pickle.UnpicklingError:
         # torch's own message suggests weights_only=False, which would run the file's code.
-        raise PeftlabError(f"checkpoint {path / OPTIMIZER} holds objects other than tensors, which "
-                           f"peftlab never loads (they could run code): start the run again with --overwrite") from None
+        raise PeftlabError(
+            f"checkpoint {path / OPTIMIZER} holds objects other than tensors, which "
+            f"peftlab never loads (they could run code): start the run again with --overwrite"
+        ) from None
     except (OSError, json.JSONDecodeError, RuntimeError, EOFError, TypeError) as exc:
-        raise PeftlabError(f"checkpoint {path} is unreadable ({type(exc).__name__}): start the run again "
-                           f"with --overwrite") from None
+        raise PeftlabError(
+            f"checkpoint {path} is unreadable ({type(exc).__name__}): start the run again with --overwrite"
+        ) from None
     load_weights(path, model)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
@@ -158,9 +182,12 @@ def check_resume_config(path: Path, config: dict) -> None:
     if saved is None:  # written before checkpoints recorded their config
         return
     before, now = _flat(saved), _flat(config)
-    changed = [k for k in sorted(before.keys() | now.keys())
-               if k not in RESUME_SAFE_KEYS and before.get(k) != now.get(k)]
+    changed = [
+        k for k in sorted(before.keys() | now.keys()) if k not in RESUME_SAFE_KEYS and before.get(k) != now.get(k)
+    ]
     if changed:
         what = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
-        raise PeftlabError(f"cannot resume: the run's settings changed since its last checkpoint ({what}): "
-                           f"put them back in its config.yaml, or start a new run")
+        raise PeftlabError(
+            f"cannot resume: the run's settings changed since its last checkpoint ({what}): "
+            f"put them back in its config.yaml, or start a new run"
+        )

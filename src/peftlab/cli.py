@@ -19,8 +19,12 @@ from peftlab.errors import PeftlabError
 
 log = logging.getLogger("peftlab")
 
-FLAG_NAMES = {("model", "name"): "model", ("method", "name"): "method", ("data", "dataset"): "dataset",
-              (None, "name"): "name"}
+FLAG_NAMES = {
+    ("model", "name"): "model",
+    ("method", "name"): "method",
+    ("data", "dataset"): "dataset",
+    (None, "name"): "name",
+}
 
 EPILOG_RUN = """examples:
   peftlab run                                   # MiniLM + LoRA on sms_spam, offline
@@ -42,14 +46,20 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                 continue
             flag = FLAG_NAMES.get((section, f.name), f.name).replace("_", "-")
             dest = f"cfg:{section}.{f.name}" if section else f"cfg:{f.name}"
-            default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+            default = (
+                f.default
+                if f.default is not MISSING
+                else (f.default_factory() if f.default_factory is not MISSING else None)
+            )
             help_text = f.metadata.get("help", "")
             if str(f.type).startswith("bool"):
-                group.add_argument(f"--{flag}", dest=dest, action="store_const", const="true",
-                                   default=None, help=help_text)
+                group.add_argument(
+                    f"--{flag}", dest=dest, action="store_const", const="true", default=None, help=help_text
+                )
             else:
-                group.add_argument(f"--{flag}", dest=dest, default=None, metavar="X",
-                                   help=f"{help_text} (default: {default})")
+                group.add_argument(
+                    f"--{flag}", dest=dest, default=None, metavar="X", help=f"{help_text} (default: {default})"
+                )
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -94,22 +104,32 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "Run the whole experiment: baseline, fine-tune, save, reload, compare, report."),
         ("train", "Fine-tune and save the adapter (no baseline, no reload check)."),
     ):
-        p = sub.add_parser(name, help=summary, description=summary, epilog=EPILOG_RUN,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog=EPILOG_RUN,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--config", metavar="FILE.yaml", help="YAML config (e.g. a run's config.yaml).")
-        p.add_argument("--resume", metavar="RUN_DIR",
-                       help="Continue a killed run from its last checkpoint, with the run's own config.")
+        p.add_argument(
+            "--resume",
+            metavar="RUN_DIR",
+            help="Continue a killed run from its last checkpoint, with the run's own config.",
+        )
         p.add_argument("overrides", nargs="*", metavar="key=value", help="Config overrides, e.g. epochs=2 lr=5e-4.")
         common(p)
         _config_flags(p)
 
     p = sub.add_parser(
-        "evaluate", help="Evaluate a base model, or base + adapter, on a dataset's test split.",
+        "evaluate",
+        help="Evaluate a base model, or base + adapter, on a dataset's test split.",
         description="Evaluate a base model (with an untrained head) or a trained adapter on the "
-                    "test split of a dataset, and print its metrics.",
+        "test split of a dataset, and print its metrics.",
         epilog="examples:\n  peftlab evaluate --adapter runs/minilm-sms_spam-lora/adapter\n"
-               "  peftlab evaluate --model minilm --dataset sms_spam",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  peftlab evaluate --model minilm --dataset sms_spam",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", help="Base model (default for --adapter: the one it was trained on).")
     p.add_argument("--adapter", metavar="DIR", help="Adapter folder (or run folder) to apply.")
     p.add_argument("--dataset", default=None, help="Dataset (default: the adapter's, else sms_spam).")
@@ -124,40 +144,48 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
 
     p = sub.add_parser(
-        "predict", help="Classify texts with a trained adapter.",
+        "predict",
+        help="Classify texts with a trained adapter.",
         description="Classify texts with a trained adapter: texts from arguments, --file (one "
-                    "per line) or standard input; prints label and probabilities.",
-        epilog="examples:\n  peftlab predict runs/minilm-sms_spam-lora \"WIN a FREE prize now\"\n"
-               "  cat messages.txt | peftlab predict runs/minilm-sms_spam-lora --json\n"
-               "  printf 'A man sleeps.\\tA person rests.\\n' | peftlab predict runs/my-nli-run --pairs",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "per line) or standard input; prints label and probabilities.",
+        epilog='examples:\n  peftlab predict runs/minilm-sms_spam-lora "WIN a FREE prize now"\n'
+        "  cat messages.txt | peftlab predict runs/minilm-sms_spam-lora --json\n"
+        "  printf 'A man sleeps.\\tA person rests.\\n' | peftlab predict runs/my-nli-run --pairs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="Adapter folder or run folder.")
     p.add_argument("texts", nargs="*", metavar="TEXT")
     p.add_argument("--file", help="File with one text per line.")
     p.add_argument("--model", help="Base model (default: the one recorded with the adapter).")
     p.add_argument("--json", action="store_true", help="Print one JSON object per text.")
-    p.add_argument("--pairs", action="store_true",
-                   help="Sentence pairs, for an adapter trained with text_pair_column: each text is "
-                        "'first<TAB>second'.")
+    p.add_argument(
+        "--pairs",
+        action="store_true",
+        help="Sentence pairs, for an adapter trained with text_pair_column: each text is 'first<TAB>second'.",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
     common(p)
 
     p = sub.add_parser(
-        "methods", help="List every fine-tuning method with its trainable parameters on a model.",
+        "methods",
+        help="List every fine-tuning method with its trainable parameters on a model.",
         description="List every fine-tuning method with the number of parameters it would train on "
-                    "a model (each built on a copy of the loaded model).",
+        "a model (each built on a copy of the loaded model).",
         epilog="examples:\n  peftlab methods\n  peftlab methods --model smollm2-135m",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--model", default="minilm", help="Model to count on (default: minilm).")
     common(p)
 
     p = sub.add_parser(
-        "export", help="Write a standalone model with the adapter merged into its weights.",
+        "export",
+        help="Write a standalone model with the adapter merged into its weights.",
         description="Merge a trained adapter into its base model and write a standalone model "
-                    "folder (safetensors, tokenizer, label names) that plain "
-                    "AutoModelForSequenceClassification.from_pretrained loads.",
+        "folder (safetensors, tokenizer, label names) that plain "
+        "AutoModelForSequenceClassification.from_pretrained loads.",
         epilog="examples:\n  peftlab export runs/minilm-sms_spam-lora --merge exported/spam-minilm",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("adapter", metavar="RUN_OR_ADAPTER_DIR", help="Adapter folder or run folder.")
     p.add_argument("--merge", metavar="OUT_DIR", required=True, help="Folder to write the merged model to.")
     p.add_argument("--overwrite", action="store_true", help="Replace OUT_DIR if it exists.")
@@ -165,28 +193,39 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
 
     p = sub.add_parser(
-        "sweep", help="Run a grid of experiments (the config's `sweep:` key) and print a leaderboard.",
+        "sweep",
+        help="Run a grid of experiments (the config's `sweep:` key) and print a leaderboard.",
         description="Run one experiment per combination of the values under the config's `sweep:` "
-                    "key, named <sweep>/<key=value,...>; a restarted sweep skips finished runs.",
+        "key, named <sweep>/<key=value,...>; a restarted sweep skips finished runs.",
         epilog="examples:\n  peftlab sweep --config configs/sweep.yaml\n"
-               "  peftlab sweep model=minilm sweep.method.name=[lora,head] sweep.lr=[1e-3,5e-3] name=methods\n\n"
-               "The sweep is named by name=..., else the config file's name; the leaderboard is written\n"
-               "to <output_dir>/<sweep>/leaderboard.md and .html.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  peftlab sweep model=minilm sweep.method.name=[lora,head] sweep.lr=[1e-3,5e-3] name=methods\n\n"
+        "The sweep is named by name=..., else the config file's name; the leaderboard is written\n"
+        "to <output_dir>/<sweep>/leaderboard.md and .html.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config with a `sweep:` mapping of key -> values.")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="Overrides of the base config, and sweep.KEY=[v1,v2] to add a grid axis.")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="Overrides of the base config, and sweep.KEY=[v1,v2] to add a grid axis.",
+    )
     common(p)
 
     p = sub.add_parser(
-        "compare", help="Leaderboard of finished runs, from their report.json files.",
-        description="Print a leaderboard of finished runs (sorted by macro-F1) and write it as "
-                    "Markdown and HTML.",
+        "compare",
+        help="Leaderboard of finished runs, from their report.json files.",
+        description="Print a leaderboard of finished runs (sorted by macro-F1) and write it as Markdown and HTML.",
         epilog="examples:\n  peftlab compare runs/*\n  peftlab compare runs/lora runs/full --output results/board",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Run folders holding report.json.")
-    p.add_argument("--output", metavar="PREFIX", default="leaderboard",
-                   help="Write PREFIX.md and PREFIX.html (default: leaderboard.md/.html here).")
+    p.add_argument(
+        "--output",
+        metavar="PREFIX",
+        default="leaderboard",
+        help="Write PREFIX.md and PREFIX.html (default: leaderboard.md/.html here).",
+    )
     common(p)
     return parser
 
@@ -246,15 +285,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     problems = data.problems()
     if problems:
         raise PeftlabError("; ".join(problems))
-    result = evaluate_model(args.model, data, adapter_dir=args.adapter,
-                            data_dir=args.data_dir or os.environ.get("PEFTLAB_DATA_DIR"),
-                            batch_size=args.batch_size, precision=args.precision,
-                            allow_pickle=args.allow_pickle)
+    result = evaluate_model(
+        args.model,
+        data,
+        adapter_dir=args.adapter,
+        data_dir=args.data_dir or os.environ.get("PEFTLAB_DATA_DIR"),
+        batch_size=args.batch_size,
+        precision=args.precision,
+        allow_pickle=args.allow_pickle,
+    )
     m = result["metrics"]
     print(f"{'loss':<22}{m['loss']:.4f}\n{'accuracy':<22}{m['accuracy']:.4f}\n{'macro-F1':<22}{m['macro_f1']:.4f}")
     for name, stats in m["per_class"].items():
-        print(f"{name + ': P/R/F1':<22}{stats['precision']:.4f} / {stats['recall']:.4f} / {stats['f1']:.4f}"
-              f"  (n={stats['support']})")
+        print(
+            f"{name + ': P/R/F1':<22}{stats['precision']:.4f} / {stats['recall']:.4f} / {stats['f1']:.4f}"
+            f"  (n={stats['support']})"
+        )
     if args.output:
         from pathlib import Path
 
@@ -368,8 +414,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from peftlab.artifacts import export_merged
 
     out = export_merged(args.adapter, args.merge, overwrite=args.overwrite, allow_pickle=args.allow_pickle)
-    print(f"exported a standalone model to {out}: load it with "
-          f"AutoModelForSequenceClassification.from_pretrained({str(out)!r})")
+    print(
+        f"exported a standalone model to {out}: load it with "
+        f"AutoModelForSequenceClassification.from_pretrained({str(out)!r})"
+    )
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -402,8 +450,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             except PeftlabError as exc:
                 log.warning("skipped %s", str(exc).split(":")[0])
         if not reports:
-            raise PeftlabError(f"none of the {len(args.run_dirs)} folders is a finished run (no report.json): "
-                               f"give folders of finished runs, e.g. runs/<name>")
+            raise PeftlabError(
+                f"none of the {len(args.run_dirs)} folders is a finished run (no report.json): "
+                f"give folders of finished runs, e.g. runs/<name>"
+            )
     print(leaderboard_text(reports))
     md, page = write_leaderboard(reports, args.output)
     print(f"\nwrote {md} and {page}")
@@ -419,9 +469,25 @@ _USER_OS_ERRORS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+def cmd_train(args: argparse.Namespace) -> int:
+    return cmd_run(args, train_only=True)
+
+
+# Subcommand name -> the function that carries it out.
+COMMANDS = {
+    "run": cmd_run,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "predict": cmd_predict,
+    "methods": cmd_methods,
+    "export": cmd_export,
+    "sweep": cmd_sweep,
+    "compare": cmd_compare,
+}
+
+
+def _place_extra(parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]) -> None:
+    """Hand the arguments argparse left over to the positionals they belong to; exit 2 on any other."""
     # argparse takes positionals only before the first option; `predict` texts and `run`
     # overrides after an option (`predict RUN --json "text"`, `run --overwrite lr=1e-3`) come
     # back here and belong with the others.
@@ -431,24 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command is None:
-        parser.print_help()
-        return 2
-    _setup_logging(getattr(args, "quiet", False))
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the chosen subcommand; a problem the user can fix becomes one line on stderr and its exit status."""
     try:
-        if args.command in ("run", "train"):
-            return cmd_run(args, train_only=args.command == "train")
-        if args.command == "evaluate":
-            return cmd_evaluate(args)
-        if args.command == "methods":
-            return cmd_methods(args)
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "sweep":
-            return cmd_sweep(args)
-        if args.command == "compare":
-            return cmd_compare(args)
-        return cmd_predict(args)
+        return COMMANDS[args.command](args)
     except PeftlabError as exc:
         print(f"peftlab: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -462,6 +516,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("peftlab: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: the command line), run the subcommand and return its exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    _place_extra(parser, args, extra)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(getattr(args, "quiet", False))
+    return _run_command(args)
 
 
 if __name__ == "__main__":

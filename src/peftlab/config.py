@@ -45,8 +45,7 @@ class DataConfig:
     )
     data_dir: str | None = _f(
         None,
-        "Folder of offline dataset mirrors laid out as <name>/<split>.jsonl.gz; "
-        "defaults to $PEFTLAB_DATA_DIR.",
+        "Folder of offline dataset mirrors laid out as <name>/<split>.jsonl.gz; defaults to $PEFTLAB_DATA_DIR.",
     )
     text_column: str | None = _f(None, "Column holding the text (inferred when not given).")
     text_pair_column: str | None = _f(
@@ -55,16 +54,10 @@ class DataConfig:
         "sentence for QNLI with text_column=question); the two are tokenized as a pair.",
     )
     label_column: str | None = _f(None, "Column holding the label (inferred when not given).")
-    test_size: float = _f(
-        0.2, "Fraction held out as the test set when the dataset has no test split."
-    )
+    test_size: float = _f(0.2, "Fraction held out as the test set when the dataset has no test split.")
     split_seed: int = _f(42, "Seed of the stratified train/test split.")
-    max_train_samples: int | None = _f(
-        None, "Use a stratified subset of at most this many training examples."
-    )
-    max_eval_samples: int | None = _f(
-        None, "Use a stratified subset of at most this many test examples."
-    )
+    max_train_samples: int | None = _f(None, "Use a stratified subset of at most this many training examples.")
+    max_eval_samples: int | None = _f(None, "Use a stratified subset of at most this many test examples.")
     train_fraction: float = _f(
         1.0, "Use a stratified subset of this fraction of the training examples (before max_train_samples)."
     )
@@ -119,13 +112,10 @@ class ModelConfig:
 
     name: str = _f(
         "minilm",
-        "Model: a packaged alias (minilm, smollm2-135m), a Hub id, a local folder, "
-        "or a .gguf file.",
+        "Model: a packaged alias (minilm, smollm2-135m), a Hub id, a local folder, or a .gguf file.",
     )
     dtype: str = _f("fp32", "Weight dtype when loading: fp32, bf16, fp16 or auto.")
-    device: str = _f(
-        "auto", "Device to train and evaluate on: auto (CUDA, then MPS, then CPU), cpu, cuda or mps."
-    )
+    device: str = _f("auto", "Device to train and evaluate on: auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")
     quantization: str = _f(
         "none",
         "Load the base weights quantized with bitsandbytes (needs CUDA): none, 4bit or 8bit; "
@@ -177,8 +167,9 @@ class MethodConfig:
         "Rank of lora-family, loha, lokr and boft/oft adapters; AdaLoRA's average target rank; "
         "VeRA uses vera_r instead.",
     )
-    alpha: float = _f(16, "LoRA/LoHa/LoKr scaling numerator (the update is scaled by alpha / r, "
-                          "alpha / sqrt(r) for rslora).")
+    alpha: float = _f(
+        16, "LoRA/LoHa/LoKr scaling numerator (the update is scaled by alpha / r, alpha / sqrt(r) for rslora)."
+    )
     dropout: float = _f(0.1, "Dropout on the adapter input (lora family, loha, lokr, vera, boft, oft).")
     target_modules: list[str] | None = _f(
         None,
@@ -190,9 +181,7 @@ class MethodConfig:
     )
     adalora_init_r: int = _f(12, "adalora: starting rank of every module, pruned towards r on average.")
     vera_r: int = _f(256, "vera: rank of the shared random projections (VeRA needs a high rank).")
-    num_virtual_tokens: int = _f(
-        20, "prompt_tuning, prefix_tuning, p_tuning: number of learned virtual tokens."
-    )
+    num_virtual_tokens: int = _f(20, "prompt_tuning, prefix_tuning, p_tuning: number of learned virtual tokens.")
     encoder_hidden_size: int = _f(128, "p_tuning: hidden size of the prompt encoder.")
     prompt_encoder: str = _f(
         "lstm",
@@ -228,8 +217,7 @@ class TrainConfig:
 
     engine: str = _f(
         "native",
-        "Training/evaluation engine: native (peftlab's own accelerate loop) or trainer "
-        "(the Hugging Face Trainer).",
+        "Training/evaluation engine: native (peftlab's own accelerate loop) or trainer (the Hugging Face Trainer).",
     )
     epochs: float = _f(2, "Number of passes over the training set.")
     batch_size: int = _f(16, "Training batch size.")
@@ -259,8 +247,7 @@ class TrainConfig:
     seed: int = _f(42, "Seed for initialisation, dropout and batch order.")
     precision: str = _f(
         "auto",
-        "Compute precision: auto (bf16 where the hardware supports it, else fp32), "
-        "fp32, bf16 or fp16.",
+        "Compute precision: auto (bf16 where the hardware supports it, else fp32), fp32, bf16 or fp16.",
     )
     compile: bool = _f(
         False,
@@ -269,29 +256,28 @@ class TrainConfig:
     )
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (for smoke tests).")
     log_every: int = _f(50, "Log training loss every this many steps.")
-    save_every: int = _f(
-        200, "Checkpoint every this many steps (and at each epoch end); 0: epoch ends only."
-    )
-    eval_every: int = _f(
-        0, "With a validation split: evaluate every this many steps; 0: at each epoch end."
-    )
+    save_every: int = _f(200, "Checkpoint every this many steps (and at each epoch end); 0: epoch ends only.")
+    eval_every: int = _f(0, "With a validation split: evaluate every this many steps; 0: at each epoch end.")
     metric_for_best: str = _f(
         "macro_f1", "Validation metric that picks the best checkpoint: macro_f1, accuracy or loss."
     )
     early_stopping_patience: int | None = _f(
         None, "Stop after this many validation rounds without improvement (needs validation_size)."
     )
-    load_best: bool = _f(
-        True, "With a validation split: end training with the best checkpoint's weights."
-    )
+    load_best: bool = _f(True, "With a validation split: end training with the best checkpoint's weights.")
     tensorboard: bool = _f(
         False, "Also write TensorBoard event files to <run dir>/tensorboard (needs peftlab[tracking])."
     )
     mlflow: bool = _f(
-        False, "Also record an MLflow run in the local SQLite store <run dir>/mlruns/mlflow.db (needs peftlab[tracking])."
+        False,
+        "Also record an MLflow run in the local SQLite store <run dir>/mlruns/mlflow.db (needs peftlab[tracking]).",
     )
 
     def problems(self) -> list[str]:
+        return self._loop_problems() + self._schedule_problems()
+
+    def _loop_problems(self) -> list[str]:
+        """Problems with the engine, epochs, batch sizes, learning rates and named choices."""
         out = []
         if self.engine not in ("native", "trainer"):
             out.append(f"train.engine={self.engine!r} must be 'native' or 'trainer'")
@@ -309,6 +295,11 @@ class TrainConfig:
             out.append(f"train.precision={self.precision!r} is not one of auto, fp32, bf16, fp16")
         if self.metric_for_best not in ("macro_f1", "accuracy", "loss"):
             out.append(f"train.metric_for_best={self.metric_for_best!r} is not one of macro_f1, accuracy, loss")
+        return out
+
+    def _schedule_problems(self) -> list[str]:
+        """Problems with stopping, checkpoint and evaluation cadence, warmup and regularizers."""
+        out = []
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             out.append(f"train.early_stopping_patience={self.early_stopping_patience} must be at least 1")
         if self.save_every < 0 or self.eval_every < 0:
@@ -332,9 +323,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    name: str | None = _f(
-        None, "Run name; default <model>-<dataset>-<method>, numbered if it exists."
-    )
+    name: str | None = _f(None, "Run name; default <model>-<dataset>-<method>, numbered if it exists.")
     output_dir: str = _f("runs", "Folder that holds run directories.")
     overwrite: bool = _f(False, "Replace an existing run directory of the same name.")
 
@@ -344,13 +333,21 @@ class RunConfig:
         spec = METHODS.get(self.method.name)  # None: reported by MethodConfig.problems
         if spec is not None and self.model.quantization == "none":
             self.model.quantization = spec.quantization
-        for name, section in (("data", self.data), ("model", self.model), ("method", self.method),
-                              ("train", self.train)):
+        for name, section in (
+            ("data", self.data),
+            ("model", self.model),
+            ("method", self.method),
+            ("train", self.train),
+        ):
             # NaN passes every range check (each comparison is False), so finiteness comes first.
-            infinite = [f.name for f in fields(section)
-                        if isinstance(getattr(section, f.name), float) and not math.isfinite(getattr(section, f.name))]
-            problems += [f"{name}.{key}={getattr(section, key)} must be a finite number: give a real value"
-                         for key in infinite]
+            infinite = [
+                f.name
+                for f in fields(section)
+                if isinstance(getattr(section, f.name), float) and not math.isfinite(getattr(section, f.name))
+            ]
+            problems += [
+                f"{name}.{key}={getattr(section, key)} must be a finite number: give a real value" for key in infinite
+            ]
             if not infinite:
                 problems += section.problems()
         if self.name is not None:
@@ -360,8 +357,10 @@ class RunConfig:
         if self.train.early_stopping_patience and not self.data.validation_size:
             problems.append("early_stopping_patience needs a validation split: set validation_size=0.1")
         if self.model.quantization != "none" and (spec is None or spec.family not in ("lora", "adalora")):
-            problems.append(f"model.quantization={self.model.quantization} needs a LoRA-family method "
-                            f"(e.g. method=qlora), not {self.method.name}")
+            problems.append(
+                f"model.quantization={self.model.quantization} needs a LoRA-family method "
+                f"(e.g. method=qlora), not {self.method.name}"
+            )
         if problems:
             raise PeftlabError("invalid config: " + "; ".join(problems))
         return self
@@ -408,8 +407,10 @@ MAX_RUN_NAME = 200
 def run_name_problems(name: str) -> list[str]:
     """Why `name` cannot name a run folder (an empty list when it can)."""
     if not RUN_NAME_CHARS.fullmatch(name):
-        return [f"name={name!r} is not a plain folder name: use letters, digits and . _ - = , + @ "
-                f"(starting with a letter or digit), e.g. name=my-run; use output_dir=... for the parent folder"]
+        return [
+            f"name={name!r} is not a plain folder name: use letters, digits and . _ - = , + @ "
+            f"(starting with a letter or digit), e.g. name=my-run; use output_dir=... for the parent folder"
+        ]
     if len(name) > MAX_RUN_NAME:
         return [f"name is {len(name)} characters long: use at most {MAX_RUN_NAME}"]
     return []
@@ -453,27 +454,33 @@ def _coerce(value: Any, f: dataclasses.Field, key: str) -> Any:
             return None
         raise PeftlabError(f"{key} cannot be empty: give a value, e.g. {key}={f.default}")
     try:
-        if kind.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            raise ValueError
-        if kind.startswith("int") and not isinstance(value, bool):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind.startswith("float") and not isinstance(value, bool):
-            return float(value)
-        if kind.startswith("str"):
-            return str(value)
-        if kind.startswith("list"):
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            return list(value)
+        return _convert(value, kind)
     except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    raise PeftlabError(f"{key}={value!r} is not a valid {kind.split(' |')[0]}: fix the value")
+        raise PeftlabError(f"{key}={value!r} is not a valid {kind.split(' |')[0]}: fix the value") from None
+
+
+def _convert(value: Any, kind: str) -> Any:
+    """`value` as the type `kind` names; raises ValueError or TypeError when it is not one."""
+    # YAML has already read `true`/`false` as bools, so anything else for a bool field is a typo.
+    if kind.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise ValueError
+    if kind.startswith(("int", "float")) and isinstance(value, bool):
+        raise ValueError  # `epochs=true` is a typo, not 1
+    if kind.startswith("int"):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return int(value)
+    if kind.startswith("float"):
+        return float(value)
+    if kind.startswith("str"):
+        return str(value)
+    if kind.startswith("list"):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return list(value)
+    return value
 
 
 def set_value(config: RunConfig, key: str, value: Any) -> None:

@@ -24,7 +24,7 @@ from peftlab.errors import Interrupted, PeftlabError
 from peftlab.methods import apply_method, count_parameters
 from peftlab.metrics import compute_metrics, softmax
 from peftlab.models import base_fingerprint, head_module_names, load_model, set_model_dropout
-from peftlab.report import markdown, model_card, write_html_report
+from peftlab.report import REPORT_FORMAT_VERSION, markdown, model_card, write_html_report
 from peftlab.results import TrainSummary
 from peftlab.runtime import cpu_description, distributed_state, resolve_device, resolve_precision
 
@@ -67,8 +67,9 @@ def _main_decides(fn):
     return value
 
 
-def _eval(engine, model, dataset, collator, bundle: DataBundle, cfg: RunConfig, precision: str, run_dir: Path,
-          desc: str) -> tuple[dict, np.ndarray]:
+def _eval(
+    engine, model, dataset, collator, bundle: DataBundle, cfg: RunConfig, precision: str, run_dir: Path, desc: str
+) -> tuple[dict, np.ndarray]:
     """Logits from the run's engine; metrics computed the same way for every engine."""
     start = time.perf_counter()
     logits = engine.predict_logits(model, dataset, collator, cfg, precision, run_dir, desc)
@@ -79,12 +80,25 @@ def _eval(engine, model, dataset, collator, bundle: DataBundle, cfg: RunConfig, 
 
 
 def _log_metrics(what: str, metrics: dict) -> None:
-    log.info("%s: loss %.4f  accuracy %.4f  macro-F1 %.4f  (%d examples, %.1fs)", what, metrics["loss"],
-             metrics["accuracy"], metrics["macro_f1"], metrics["n"], metrics["eval_seconds"])
+    log.info(
+        "%s: loss %.4f  accuracy %.4f  macro-F1 %.4f  (%d examples, %.1fs)",
+        what,
+        metrics["loss"],
+        metrics["accuracy"],
+        metrics["macro_f1"],
+        metrics["n"],
+        metrics["eval_seconds"],
+    )
 
 
-def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True,
-                   bundle: DataBundle | None = None, resume: bool = False) -> dict:
+def run_experiment(
+    cfg: RunConfig,
+    *,
+    baseline: bool = True,
+    reload: bool = True,
+    bundle: DataBundle | None = None,
+    resume: bool = False,
+) -> dict:
     """Run steps 1-8 (or, with baseline/reload off, just train + evaluate) and write the run dir.
 
     Returns the report dict (also saved as report.json). `bundle` lets API callers pass
@@ -111,8 +125,11 @@ def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True
         report = _run(cfg, run_dir, baseline, reload, bundle, resume, main)
     except KeyboardInterrupt:
         saved = (run_dir / "checkpoints" / "last").is_dir()
-        exc = Interrupted(f"interrupted; a checkpoint is saved: continue with `peftlab run --resume {run_dir}`"
-                          if saved else "interrupted before the first checkpoint: start the run again")
+        exc = Interrupted(
+            f"interrupted; a checkpoint is saved: continue with `peftlab run --resume {run_dir}`"
+            if saved
+            else "interrupted before the first checkpoint: start the run again"
+        )
         if main:
             _record_failure(run_dir, exc, fresh=not resume)
         raise exc from None
@@ -131,8 +148,12 @@ def run_experiment(cfg: RunConfig, *, baseline: bool = True, reload: bool = True
 def _record_failure(run_dir: Path, exc: BaseException, fresh: bool) -> None:
     """FAILED.txt saying why; but a new run that stopped on bad input before it trained
     anything leaves no folder, so that its name is free for the corrected run."""
-    if fresh and isinstance(exc, PeftlabError) and not (run_dir / "checkpoints").exists() \
-            and not (run_dir / "adapter").exists():
+    if (
+        fresh
+        and isinstance(exc, PeftlabError)
+        and not (run_dir / "checkpoints").exists()
+        and not (run_dir / "adapter").exists()
+    ):
         shutil.rmtree(run_dir, ignore_errors=True)
         return
     try:
@@ -166,16 +187,26 @@ def _load(cfg: RunConfig, bundle: DataBundle) -> _Loaded:
         device = state.device  # each process its own GPU (or the CPU)
     if cfg.model.quantization == "none":  # bitsandbytes places quantized weights itself
         model.to(device)
-    return _Loaded(model, tokenizer, source, device, resolve_precision(cfg.train.precision, device),
-                   PadCollator(tokenizer.pad_token_id, tokenizer.padding_side))
+    return _Loaded(
+        model,
+        tokenizer,
+        source,
+        device,
+        resolve_precision(cfg.train.precision, device),
+        PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),
+    )
 
 
 def _tokenize(tokenizer, bundle: DataBundle, cfg: RunConfig):
     """Train, test and (if any) validation sets as token ids; truncation counts go to the facts."""
     train_ds = tokenize_split(tokenizer, bundle.train, cfg.data)
     test_ds = tokenize_split(tokenizer, bundle.test, cfg.data)
-    bundle.facts.update(max_length=cfg.data.max_length, truncation=cfg.data.truncation,
-                        truncated_train=train_ds.truncated, truncated_test=test_ds.truncated)
+    bundle.facts.update(
+        max_length=cfg.data.max_length,
+        truncation=cfg.data.truncation,
+        truncated_train=train_ds.truncated,
+        truncated_test=test_ds.truncated,
+    )
     val_ds = tokenize_split(tokenizer, bundle.validation, cfg.data) if bundle.validation else None
     return train_ds, test_ds, val_ds
 
@@ -186,23 +217,68 @@ def _baseline(engine, loaded: _Loaded, test_ds, bundle, cfg, run_dir: Path, resu
     path = run_dir / "baseline.json"
     if resume and path.is_file():
         return json.loads(path.read_text()), None
-    metrics, logits = _eval(engine, loaded.model, test_ds, loaded.collator, bundle, cfg, loaded.precision, run_dir,
-                            "baseline")
+    metrics, logits = _eval(
+        engine, loaded.model, test_ds, loaded.collator, bundle, cfg, loaded.precision, run_dir, "baseline"
+    )
     _log_metrics("baseline", metrics)
     if main:
         files.write_json_atomic(path, metrics)
     return metrics, logits
 
 
-def _check_trained(model, summary: TrainSummary) -> None:
-    """A run whose loss or weights are not finite must fail, not save them as a result."""
+def _check_trackers(cfg: RunConfig) -> None:
+    """A missing tracker library is reported before training, not after it."""
+    if cfg.train.tensorboard or cfg.train.mlflow:
+        from peftlab.tracking import check_installed
+
+        check_installed(cfg)
+
+
+def _check_finite_scores(metrics: dict) -> None:
+    if not np.isfinite(metrics["loss"]):
+        raise PeftlabError(
+            f"the fine-tuned model's test loss is {metrics['loss']}: its outputs are not finite; "
+            f"lower the learning rate (lr=...) and train again"
+        )
+
+
+def _train(
+    engine, model, train_ds, val_ds, loaded: _Loaded, bundle: DataBundle, cfg: RunConfig, run_dir: Path, resume: bool
+) -> TrainSummary:
+    """Train with the run's engine (validating on `val_ds`, if any); a run whose loss or
+    weights are not finite fails here, rather than saving them as a result."""
+
+    def validate(m):
+        return evaluate(
+            m, val_ds, loaded.collator, bundle.label_names, cfg.train.eval_batch_size, loaded.precision, "validation"
+        )[0]
+
+    summary = engine.train(
+        model,
+        train_ds,
+        loaded.collator,
+        cfg,
+        loaded.precision,
+        run_dir,
+        resume=resume,
+        validate=validate if val_ds is not None else None,
+    )
     if not np.isfinite(summary.final_loss):
         raise PeftlabError(f"training diverged (loss {summary.final_loss}): lower the learning rate (lr=...)")
     _check_finite_weights(model)
+    return summary
 
 
-def _adapter_meta(cfg: RunConfig, bundle: DataBundle, loaded: _Loaded, model, heads: list[str], fingerprint: str,
-                  metrics: dict, started: str) -> dict:
+def _adapter_meta(
+    cfg: RunConfig,
+    bundle: DataBundle,
+    loaded: _Loaded,
+    model,
+    heads: list[str],
+    fingerprint: str,
+    metrics: dict,
+    started: str,
+) -> dict:
     """peftlab.json: what the adapter is, what it was trained on, and how well it did."""
     source = loaded.source
     return {
@@ -218,66 +294,67 @@ def _adapter_meta(cfg: RunConfig, bundle: DataBundle, loaded: _Loaded, model, he
         "quantization": cfg.model.quantization,
         "max_length": cfg.data.max_length,
         "truncation": cfg.data.truncation,
-        "data": {"dataset": cfg.data.dataset, "fingerprint": bundle.fingerprint, "source": bundle.source,
-                 "text_pair_column": cfg.data.text_pair_column},
+        "data": {
+            "dataset": cfg.data.dataset,
+            "fingerprint": bundle.fingerprint,
+            "source": bundle.source,
+            "text_pair_column": cfg.data.text_pair_column,
+        },
         "metrics": {k: metrics[k] for k in ("loss", "accuracy", "macro_f1")},
         "trainable_params": count_parameters(model)[0],
         "created": started,
     }
 
 
-def _reload(engine, adapter_dir: Path, loaded: _Loaded, test_ds, bundle, cfg, run_dir: Path,
-            tuned_logits: np.ndarray) -> tuple[dict, dict]:
+def _reload(
+    engine, adapter_dir: Path, loaded: _Loaded, test_ds, bundle, cfg, run_dir: Path, tuned_logits: np.ndarray
+) -> tuple[dict, dict]:
     """Load the saved adapter into a fresh base model and evaluate it the same way: its
     metrics, and whether it predicts as the in-memory model did."""
-    reloaded, _, _ = artifacts.load_adapter(adapter_dir, dtype=cfg.model.dtype,
-                                            trust_remote_code=cfg.model.trust_remote_code,
-                                            allow_pickle=cfg.model.allow_pickle)
+    reloaded, _, _ = artifacts.load_adapter(
+        adapter_dir,
+        dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        allow_pickle=cfg.model.allow_pickle,
+    )
     if cfg.model.quantization == "none":
         reloaded.to(loaded.device)
-    metrics, logits = _eval(engine, reloaded, test_ds, loaded.collator, bundle, cfg, loaded.precision, run_dir,
-                            "reloaded")
+    metrics, logits = _eval(
+        engine, reloaded, test_ds, loaded.collator, bundle, cfg, loaded.precision, run_dir, "reloaded"
+    )
     _log_metrics("reloaded", metrics)
     diff = float(np.abs(logits - tuned_logits).max()) if len(tuned_logits) else 0.0
     same = bool((logits.argmax(1) == tuned_logits.argmax(1)).all())
     if not same:
-        log.warning("the reloaded adapter predicts differently from the in-memory model "
-                    "(max logit difference %.3g)", diff)
+        log.warning(
+            "the reloaded adapter predicts differently from the in-memory model (max logit difference %.3g)", diff
+        )
     return metrics, {"predictions_equal": same, "max_abs_logit_diff": diff}
 
 
-def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None,
-         resume: bool, main: bool) -> dict:
+def _run(
+    cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None, resume: bool, main: bool
+) -> dict:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     wall_start = time.perf_counter()
-    if cfg.train.tensorboard or cfg.train.mlflow:
-        from peftlab.tracking import check_installed
-
-        check_installed(cfg)  # before training, not after it
+    _check_trackers(cfg)
     # 1-2. data, then model
     bundle = bundle if bundle is not None else load_data(cfg.data, cfg.data_dir)
     loaded = _load(cfg, bundle)
     train_ds, test_ds, val_ds = _tokenize(loaded.tokenizer, bundle, cfg)
     engine, collator, precision = get_engine(cfg.train.engine), loaded.collator, loaded.precision
     # 3. baseline: the pretrained model with its untrained head
-    base_metrics, base_logits = _baseline(engine, loaded, test_ds, bundle, cfg, run_dir, resume, main) \
-        if baseline else (None, None)
+    base_metrics, base_logits = (
+        _baseline(engine, loaded, test_ds, bundle, cfg, run_dir, resume, main) if baseline else (None, None)
+    )
     # 4-5. adapt and train
     heads, fingerprint = head_module_names(loaded.model), base_fingerprint(loaded.model)
     model = apply_method(loaded.model, cfg.method)
     del loaded.model  # the adapted model replaces it (and the reload check loads a fresh one)
-
-    def validate(m):
-        return evaluate(m, val_ds, collator, bundle.label_names, cfg.train.eval_batch_size, precision, "validation")[0]
-
-    summary = engine.train(model, train_ds, collator, cfg, precision, run_dir, resume=resume,
-                           validate=validate if val_ds is not None else None)
-    _check_trained(model, summary)
+    summary = _train(engine, model, train_ds, val_ds, loaded, bundle, cfg, run_dir, resume)
     tuned_metrics, tuned_logits = _eval(engine, model, test_ds, collator, bundle, cfg, precision, run_dir, "fine-tuned")
     _log_metrics("fine-tuned", tuned_metrics)
-    if not np.isfinite(tuned_metrics["loss"]):
-        raise PeftlabError(f"the fine-tuned model's test loss is {tuned_metrics['loss']}: its outputs are not finite; "
-                           f"lower the learning rate (lr=...) and train again")
+    _check_finite_scores(tuned_metrics)
     # 6. save the adapter (trainable weights + head) as one self-describing unit
     adapter_dir = run_dir / "adapter"
     meta = _adapter_meta(cfg, bundle, loaded, model, heads, fingerprint, tuned_metrics, started)
@@ -308,6 +385,7 @@ def _run(cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: Da
         "adapter": {"dir": str(adapter_dir), "size_bytes": files.dir_size(adapter_dir)},
         "resources": _resources(time.perf_counter() - wall_start, loaded.device),
         "versions": artifacts.package_versions(),
+        "format_version": REPORT_FORMAT_VERSION,
     }
     if main:
         _write_report(report, cfg, run_dir, {"baseline": base_logits, "fine-tuned": tuned_logits}, bundle)
@@ -341,8 +419,10 @@ def _check_finite_weights(model) -> None:
             bad += int((~torch.isfinite(p.detach())).sum())
             total += p.numel()
     if bad:
-        raise PeftlabError(f"training left {bad:,} of {total:,} trained weights non-finite (NaN or inf): the run "
-                           f"diverged; lower the learning rate (lr=...) and train again")
+        raise PeftlabError(
+            f"training left {bad:,} of {total:,} trained weights non-finite (NaN or inf): the run "
+            f"diverged; lower the learning rate (lr=...) and train again"
+        )
 
 
 def _resources(wall_seconds: float, device: torch.device) -> dict:
@@ -351,25 +431,36 @@ def _resources(wall_seconds: float, device: torch.device) -> dict:
     import sys
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"wall_seconds": wall_seconds, "peak_rss_mb": rss / (1e6 if sys.platform == "darwin" else 1e3),
-           "cpu": cpu_description()}  # speed figures mean little without the machine
+    out = {
+        "wall_seconds": wall_seconds,
+        "peak_rss_mb": rss / (1e6 if sys.platform == "darwin" else 1e3),
+        "cpu": cpu_description(),
+    }  # speed figures mean little without the machine
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 1e6
     return out
 
 
-def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir: str | None = None,
-                   data_dir: str | None = None, batch_size: int = 64, precision: str = "auto",
-                   trust_remote_code: bool = False, allow_pickle: bool = False) -> dict:
+def evaluate_model(
+    model_name: str | None,
+    data_cfg: DataConfig,
+    *,
+    adapter_dir: str | None = None,
+    data_dir: str | None = None,
+    batch_size: int = 64,
+    precision: str = "auto",
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
     """Evaluate a base model (fresh head) or base + adapter on the test split of a dataset.
 
     With an adapter, texts are tokenized as in its training (max_length, truncation, and the
     second-text column of sentence pairs unless `data_cfg` names one).
     """
     if adapter_dir is not None:
-        model, tokenizer, meta = artifacts.load_adapter(Path(adapter_dir), model_name,
-                                                        trust_remote_code=trust_remote_code,
-                                                        allow_pickle=allow_pickle)
+        model, tokenizer, meta = artifacts.load_adapter(
+            Path(adapter_dir), model_name, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+        )
         data_cfg.max_length = meta.get("max_length", data_cfg.max_length)
         data_cfg.truncation = meta.get("truncation", data_cfg.truncation)
         data_cfg.text_pair_column = data_cfg.text_pair_column or meta.get("data", {}).get("text_pair_column")
@@ -378,28 +469,48 @@ def evaluate_model(model_name: str | None, data_cfg: DataConfig, *, adapter_dir:
         if model_name is None:
             raise PeftlabError("nothing to evaluate: give --model and/or --adapter")
         bundle = load_data(data_cfg, data_dir)
-        model, tokenizer, _ = load_model(ModelConfig(name=model_name, trust_remote_code=trust_remote_code,
-                                                     allow_pickle=allow_pickle),
-                                         len(bundle.label_names), bundle.label_names)
+        model, tokenizer, _ = load_model(
+            ModelConfig(name=model_name, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle),
+            len(bundle.label_names),
+            bundle.label_names,
+        )
     device = resolve_device()
     model.to(device)
     precision = resolve_precision(precision, device)
     dataset = tokenize_split(tokenizer, bundle.test, data_cfg)
-    bundle.facts.update(max_length=data_cfg.max_length, truncation=data_cfg.truncation,
-                        truncated_test=dataset.truncated)
-    metrics, _ = evaluate(model, dataset, PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),
-                          bundle.label_names, batch_size, precision)
-    return {"model": model_name, "adapter": adapter_dir, "data": bundle.facts,
-            "label_names": bundle.label_names, "metrics": metrics}
+    bundle.facts.update(
+        max_length=data_cfg.max_length, truncation=data_cfg.truncation, truncated_test=dataset.truncated
+    )
+    metrics, _ = evaluate(
+        model,
+        dataset,
+        PadCollator(tokenizer.pad_token_id, tokenizer.padding_side),
+        bundle.label_names,
+        batch_size,
+        precision,
+    )
+    return {
+        "model": model_name,
+        "adapter": adapter_dir,
+        "data": bundle.facts,
+        "label_names": bundle.label_names,
+        "metrics": metrics,
+    }
 
 
 class Predictor:
     """A loaded adapter that classifies texts: `Predictor(adapter_dir)(["text", ...])`."""
 
-    def __init__(self, adapter_dir: str | Path, model_name: str | None = None, precision: str = "fp32",
-                 allow_pickle: bool = False):
-        self.model, self.tokenizer, self.meta = artifacts.load_adapter(Path(adapter_dir), model_name,
-                                                                       allow_pickle=allow_pickle)
+    def __init__(
+        self,
+        adapter_dir: str | Path,
+        model_name: str | None = None,
+        precision: str = "fp32",
+        allow_pickle: bool = False,
+    ):
+        self.model, self.tokenizer, self.meta = artifacts.load_adapter(
+            Path(adapter_dir), model_name, allow_pickle=allow_pickle
+        )
         self.device = resolve_device()
         self.model.to(self.device)
         self.precision = resolve_precision(precision, self.device)
@@ -417,8 +528,10 @@ class Predictor:
         # A pair model shown single texts (or the reverse) answers confidently and wrongly.
         pair_column = self.meta.get("data", {}).get("text_pair_column")
         if pair_column and pairs is None:
-            raise PeftlabError(f"this adapter was trained on sentence pairs (second text {pair_column!r}): "
-                               f"give a second text for each text (CLI: --pairs, 'first<TAB>second' lines)")
+            raise PeftlabError(
+                f"this adapter was trained on sentence pairs (second text {pair_column!r}): "
+                f"give a second text for each text (CLI: --pairs, 'first<TAB>second' lines)"
+            )
         if pairs is not None and not pair_column:
             raise PeftlabError("this adapter was trained on single texts: give no second texts")
         if pairs is not None:
@@ -426,12 +539,22 @@ class Predictor:
             if empty:
                 raise PeftlabError(f"second text #{empty[0] + 1} is empty: give non-empty second texts")
         # No cache: predictions are on ad-hoc texts, seldom repeated.
-        dataset = tokenize(self.tokenizer, texts, None, self.meta.get("max_length", 512), pairs=pairs,
-                           truncation=self.meta.get("truncation", "head"), cache=False)
+        dataset = tokenize(
+            self.tokenizer,
+            texts,
+            None,
+            self.meta.get("max_length", 512),
+            pairs=pairs,
+            truncation=self.meta.get("truncation", "head"),
+            cache=False,
+        )
         probs = softmax(predict_logits(self.model, dataset, self.collator, batch_size, self.precision, "predict"))
         results = [
-            {"text": text, "label": self.label_names[int(p.argmax())],
-             "probabilities": {n: float(v) for n, v in zip(self.label_names, p)}}
+            {
+                "text": text,
+                "label": self.label_names[int(p.argmax())],
+                "probabilities": {n: float(v) for n, v in zip(self.label_names, p)},
+            }
             for text, p in zip(texts, probs)
         ]
         for result, second in zip(results, pairs or ()):

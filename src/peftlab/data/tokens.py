@@ -33,8 +33,13 @@ class TokenizedDataset(torch.utils.data.Dataset):
     with segment embeddings) is where each example's second segment begins: its
     token_type_ids are 0 before and 1 from there on."""
 
-    def __init__(self, input_ids: list[list[int]], labels: list[int] | None, truncated: int = 0,
-                 second_starts: list[int] | None = None):
+    def __init__(
+        self,
+        input_ids: list[list[int]],
+        labels: list[int] | None,
+        truncated: int = 0,
+        second_starts: list[int] | None = None,
+    ):
         self.input_ids = input_ids
         self.labels = labels
         self.lengths = [len(ids) for ids in input_ids]
@@ -103,28 +108,34 @@ def _cut(ids: list[int], keep: int, truncation: str) -> list[int]:
     if len(ids) <= keep:
         return ids
     head = {"head": keep, "tail": 0, "head+tail": round(keep * HEAD_SHARE)}[truncation]
-    return ids[:head] + ids[len(ids) - (keep - head):]
+    return ids[:head] + ids[len(ids) - (keep - head) :]
 
 
-def _encode(tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
-            truncation: str) -> tuple[list[list[int]], int, list[int] | None]:
+def _encode(
+    tokenizer, texts: list[str], pairs: list[str] | None, max_length: int, truncation: str
+) -> tuple[list[list[int]], int, list[int] | None]:
     """Token ids of each text (pair) cut to max_length with special tokens; number cut;
     for pairs, where each second segment (second text + closing specials) begins."""
     before, between, after = _special_tokens(tokenizer, pairs is not None)
     budget = max_length - len(before) - len(between) - len(after)
     if budget < 1:
-        raise PeftlabError(f"max_length={max_length} leaves no room for text beside the tokenizer's "
-                           f"special tokens: raise max_length")
+        raise PeftlabError(
+            f"max_length={max_length} leaves no room for text beside the tokenizer's special tokens: raise max_length"
+        )
     # Whole texts first (verbose=False: their length beyond the model's is expected here).
     firsts = tokenizer(list(texts), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    seconds = (tokenizer(list(pairs), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-               if pairs is not None else itertools.repeat([]))
+    seconds = (
+        tokenizer(list(pairs), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        if pairs is not None
+        else itertools.repeat([])
+    )
     input_ids, truncated, starts = [], 0, []
     for first, second in zip(firsts, seconds):
         if len(first) + len(second) > budget:
             truncated += 1
-            keep_first, keep_second = (_pair_lengths(len(first), len(second), budget) if pairs is not None
-                                       else (budget, 0))
+            keep_first, keep_second = (
+                _pair_lengths(len(first), len(second), budget) if pairs is not None else (budget, 0)
+            )
             first, second = _cut(first, keep_first, truncation), _cut(second, keep_second, truncation)
         input_ids.append(before + first + between + second + after)
         starts.append(len(before) + len(first) + len(between))
@@ -158,8 +169,9 @@ def _tokenizer_identity(tokenizer) -> str:
     return f"{type(tokenizer).__name__}|{tokenizer.name_or_path}|{len(tokenizer)}|{digest}|{transformers.__version__}"
 
 
-def _cache_path(root: Path, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int,
-                truncation: str) -> Path:
+def _cache_path(
+    root: Path, tokenizer, texts: list[str], pairs: list[str] | None, max_length: int, truncation: str
+) -> Path:
     h = hashlib.sha256()
     for key in (_tokenizer_identity(tokenizer), str(max_length), truncation, str(pairs is not None)):
         h.update(key.encode() + b"\x00")
@@ -189,8 +201,7 @@ def _read_cache(path: Path, n: int, pairs: bool) -> tuple[list[list[int]], int, 
     return [ids.tolist() for ids in np.split(flat, offsets[1:-1])], truncated, starts
 
 
-def _write_cache(path: Path, input_ids: list[list[int]], truncated: int, starts: list[int] | None,
-                 about: dict) -> None:
+def _write_cache(path: Path, input_ids: list[list[int]], truncated: int, starts: list[int] | None, about: dict) -> None:
     """Write flat int32 ids + offsets atomically (tmp file, then rename), beside a JSON
     description of what produced them; a failure only costs the cache."""
     offsets = np.zeros(len(input_ids) + 1, dtype=np.int64)
@@ -203,20 +214,32 @@ def _write_cache(path: Path, input_ids: list[list[int]], truncated: int, starts:
             extra = {} if not about.get("pairs") else {"segments": np.bool_(starts is not None)}
             if starts is not None:
                 extra["starts"] = np.asarray(starts, dtype=np.int32)
-            np.savez(fh, ids=flat, offsets=offsets, truncated=np.int64(truncated), about=np.array(json.dumps(about)),
-                     **extra)
+            np.savez(
+                fh, ids=flat, offsets=offsets, truncated=np.int64(truncated), about=np.array(json.dumps(about)), **extra
+            )
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        log.warning("could not write the token cache %s (%s): set PEFTLAB_CACHE_DIR to a writable folder",
-                    path, exc.strerror or exc)
+        log.warning(
+            "could not write the token cache %s (%s): set PEFTLAB_CACHE_DIR to a writable folder",
+            path,
+            exc.strerror or exc,
+        )
 
 
 # --- tokenizing -------------------------------------------------------------------------
 
 
-def tokenize(tokenizer, texts: list[str], labels: list[int] | None, max_length: int, *,
-             pairs: list[str] | None = None, truncation: str = "head", cache: bool = True) -> TokenizedDataset:
+def tokenize(
+    tokenizer,
+    texts: list[str],
+    labels: list[int] | None,
+    max_length: int,
+    *,
+    pairs: list[str] | None = None,
+    truncation: str = "head",
+    cache: bool = True,
+) -> TokenizedDataset:
     """Token ids without padding (batches are padded to their own longest text).
 
     `pairs` holds the second text of each example for sentence-pair tasks; for tokenizers
@@ -233,25 +256,42 @@ def tokenize(tokenizer, texts: list[str], labels: list[int] | None, max_length: 
     cached = _read_cache(path, len(texts), pairs is not None) if path else None
     if cached is not None:
         input_ids, truncated, starts = cached
-        log.info("tokens of %d texts read from the cache %s in %.1fs", len(texts), path,
-                 time.perf_counter() - started)
+        log.info("tokens of %d texts read from the cache %s in %.1fs", len(texts), path, time.perf_counter() - started)
     else:
         input_ids, truncated, starts = _encode(tokenizer, texts, pairs, max_length, truncation)
         if starts is not None and not _marks_segments(tokenizer):
             starts = None  # RoBERTa, decoders: their tokenizers give no segment ids
         if path:
-            _write_cache(path, input_ids, truncated, starts, {
-                "tokenizer": tokenizer.name_or_path, "texts": len(texts), "pairs": pairs is not None,
-                "max_length": max_length, "truncation": truncation, "truncated": truncated,
-            })
+            _write_cache(
+                path,
+                input_ids,
+                truncated,
+                starts,
+                {
+                    "tokenizer": tokenizer.name_or_path,
+                    "texts": len(texts),
+                    "pairs": pairs is not None,
+                    "max_length": max_length,
+                    "truncation": truncation,
+                    "truncated": truncated,
+                },
+            )
     if truncated:
-        log.info("%d of %d texts were longer than %d tokens: kept their %s", truncated, len(texts),
-                 max_length, truncation)
+        log.info(
+            "%d of %d texts were longer than %d tokens: kept their %s", truncated, len(texts), max_length, truncation
+        )
     return TokenizedDataset(input_ids, labels, truncated, starts)
 
 
 def tokenize_split(tokenizer, split: Split, cfg: DataConfig) -> TokenizedDataset:
     """`tokenize` one split's texts (and second texts) with labels, with the max_length,
     truncation and token cache settings of `cfg`."""
-    return tokenize(tokenizer, split.texts, split.labels, cfg.max_length, pairs=split.pairs,
-                    truncation=cfg.truncation, cache=cfg.token_cache)
+    return tokenize(
+        tokenizer,
+        split.texts,
+        split.labels,
+        cfg.max_length,
+        pairs=split.pairs,
+        truncation=cfg.truncation,
+        cache=cfg.token_cache,
+    )

@@ -28,13 +28,40 @@ class NativeEngine:
 
     name = "native"
 
-    def train(self, model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig, precision: str,
-              run_dir: Path, *, resume: bool = False, validate: Callable | None = None) -> TrainSummary:
-        return native.train(model, dataset, collator, cfg, precision, run_dir / "metrics.jsonl",
-                            checkpoint_dir=run_dir / "checkpoints", resume=resume, validate=validate)
+    def train(
+        self,
+        model,
+        dataset: TokenizedDataset,
+        collator: PadCollator,
+        cfg: RunConfig,
+        precision: str,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        validate: Callable | None = None,
+    ) -> TrainSummary:
+        return native.train(
+            model,
+            dataset,
+            collator,
+            cfg,
+            precision,
+            run_dir / "metrics.jsonl",
+            checkpoint_dir=run_dir / "checkpoints",
+            resume=resume,
+            validate=validate,
+        )
 
-    def predict_logits(self, model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig,
-                       precision: str, run_dir: Path, desc: str = "eval") -> np.ndarray:
+    def predict_logits(
+        self,
+        model,
+        dataset: TokenizedDataset,
+        collator: PadCollator,
+        cfg: RunConfig,
+        precision: str,
+        run_dir: Path,
+        desc: str = "eval",
+    ) -> np.ndarray:
         return native.predict_logits(model, dataset, collator, cfg.train.eval_batch_size, precision, desc)
 
 
@@ -43,19 +70,39 @@ class TrainerEngine:
 
     name = "trainer"
 
-    def train(self, model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig, precision: str,
-              run_dir: Path, *, resume: bool = False, validate: Callable | None = None) -> TrainSummary:
+    def train(
+        self,
+        model,
+        dataset: TokenizedDataset,
+        collator: PadCollator,
+        cfg: RunConfig,
+        precision: str,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        validate: Callable | None = None,
+    ) -> TrainSummary:
         if resume or validate is not None:
-            raise PeftlabError("--resume and validation_size need engine=native (the Trainer engine keeps no "
-                               "peftlab checkpoints)")
+            raise PeftlabError(
+                "--resume and validation_size need engine=native (the Trainer engine keeps no peftlab checkpoints)"
+            )
         try:
-            return trainer.train(model, dataset, collator, cfg, precision, run_dir / "trainer",
-                                 run_dir / "metrics.jsonl")
+            return trainer.train(
+                model, dataset, collator, cfg, precision, run_dir / "trainer", run_dir / "metrics.jsonl"
+            )
         finally:
             shutil.rmtree(run_dir / "trainer", ignore_errors=True)
 
-    def predict_logits(self, model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig,
-                       precision: str, run_dir: Path, desc: str = "eval") -> np.ndarray:
+    def predict_logits(
+        self,
+        model,
+        dataset: TokenizedDataset,
+        collator: PadCollator,
+        cfg: RunConfig,
+        precision: str,
+        run_dir: Path,
+        desc: str = "eval",
+    ) -> np.ndarray:
         try:
             return trainer.predict_logits(model, dataset, collator, cfg, precision, run_dir / "trainer")
         finally:

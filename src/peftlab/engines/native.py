@@ -35,27 +35,40 @@ from peftlab.runtime import autocast, gather_objects
 log = logging.getLogger("peftlab")
 
 
-def training_sampler(dataset: TokenizedDataset, batch_size: int, seed: int,
-                     batching: str = "auto") -> LengthGroupedBatchSampler:
+def training_sampler(
+    dataset: TokenizedDataset, batch_size: int, seed: int, batching: str = "auto"
+) -> LengthGroupedBatchSampler:
     """The training batch sampler for `batching` (TrainConfig.batching); `auto` resolved
     from the data itself and logged."""
     if batching == "auto" and dataset.labels is not None:
         length = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed)
         random = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed, window=1)
-        grouped_skew, random_skew = label_skew(length.batches(), dataset.labels), label_skew(random.batches(),
-                                                                                             dataset.labels)
+        grouped_skew, random_skew = (
+            label_skew(length.batches(), dataset.labels),
+            label_skew(random.batches(), dataset.labels),
+        )
         # Length-grouped batches that mix the classes clearly worse than random ones would
         # mean length predicts the label; within-class grouping then keeps every batch mixed.
         batching = "stratified" if grouped_skew > 1.25 * random_skew else "length"
-        log.info("batching: %s (label skew of length-grouped batches %.3f vs %.3f for random ones%s)", batching,
-                 grouped_skew, random_skew, ": length predicts the label here" if batching == "stratified" else "")
+        log.info(
+            "batching: %s (label skew of length-grouped batches %.3f vs %.3f for random ones%s)",
+            batching,
+            grouped_skew,
+            random_skew,
+            ": length predicts the label here" if batching == "stratified" else "",
+        )
     elif batching == "auto":
         batching = "length"
     if batching == "stratified" and dataset.labels is None:
         raise PeftlabError("batching=stratified needs labelled training data")
-    return LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed,
-                                     window=1 if batching == "random" else 50,
-                                     labels=dataset.labels if batching == "stratified" else None)
+    return LengthGroupedBatchSampler(
+        dataset.lengths,
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        window=1 if batching == "random" else 50,
+        labels=dataset.labels if batching == "stratified" else None,
+    )
 
 
 class _StopRequest:
@@ -106,20 +119,26 @@ def _set_up(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunCon
     set_seed(tc.seed)
     # split_batches: the sampler yields global batches of `batch_size`, and each of N
     # processes gets 1/N of every batch, so the run sees the same batches on any N.
-    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision,
-                              cpu=next(model.parameters()).device.type == "cpu",
-                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    accelerator = Accelerator(
+        mixed_precision="no" if precision == "fp32" else precision,
+        cpu=next(model.parameters()).device.type == "cpu",
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+    )
     world = accelerator.num_processes
     if tc.batch_size % world:
-        raise PeftlabError(f"batch_size={tc.batch_size} does not split over {world} processes: use a multiple of {world}")
+        raise PeftlabError(
+            f"batch_size={tc.batch_size} does not split over {world} processes: use a multiple of {world}"
+        )
     if world > 1:
-        log.info("distributed: %d processes x %d examples = global batch %d", world, tc.batch_size // world,
-                 tc.batch_size)
+        log.info(
+            "distributed: %d processes x %d examples = global batch %d", world, tc.batch_size // world, tc.batch_size
+        )
     sampler = training_sampler(dataset, tc.batch_size, tc.seed, tc.batching)
     # A private generator: otherwise each new epoch iterator draws its base seed from the
     # global RNG, shifting the dropout masks that exact --resume must reproduce.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
-                                         generator=torch.Generator().manual_seed(tc.seed))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator().manual_seed(tc.seed)
+    )
     total = math.ceil(tc.epochs * len(sampler))
     total = min(total, tc.max_steps) if tc.max_steps else total
     warmup = max(1, int(tc.warmup_ratio * total))
@@ -145,8 +164,7 @@ def _resume(run: _Setup, cfg: RunConfig, checkpoint_dir: Path | None, metrics_pa
     state.config = cfg.to_dict()
     log.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch_in_epoch)
     if metrics_path and metrics_path.is_file() and run.accelerator.is_main_process:
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if json.loads(line).get("step", 0) <= state.step]
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line).get("step", 0) <= state.step]
         metrics_path.write_text("".join(line + "\n" for line in kept))
     return state
 
@@ -160,8 +178,15 @@ def _better(metric: str, value: float, best: float | None) -> bool:
 class _Loop:
     """The training loop's state between steps, and what it does besides stepping."""
 
-    def __init__(self, run: _Setup, cfg: RunConfig, state: TrainState, metrics_path: Path | None,
-                 checkpoint_dir: Path | None, validate: Callable | None):
+    def __init__(
+        self,
+        run: _Setup,
+        cfg: RunConfig,
+        state: TrainState,
+        metrics_path: Path | None,
+        checkpoint_dir: Path | None,
+        validate: Callable | None,
+    ):
         self.run, self.tc, self.state = run, cfg.train, state
         self.metrics_path, self.checkpoint_dir, self.validate_fn = metrics_path, checkpoint_dir, validate
         self.world, self.main = run.accelerator.num_processes, run.accelerator.is_main_process
@@ -209,17 +234,30 @@ class _Loop:
         if not math.isfinite(mean):
             last = self.checkpoint_dir / "last" if self.checkpoint_dir else None
             kept = f"; the last good checkpoint is kept in {last}" if last and last.exists() else ""
-            raise PeftlabError(f"training loss became {mean} by step {state.step}: the run diverged{kept}; "
-                               f"lower the learning rate (lr=...) and start again")
-        entry = {"step": state.step, "epoch": round(state.step / run.steps_per_epoch, 3), "loss": mean,
-                 "lr": run.scheduler.get_last_lr()[0], "samples_per_s": state.samples / self.elapsed()}
+            raise PeftlabError(
+                f"training loss became {mean} by step {state.step}: the run diverged{kept}; "
+                f"lower the learning rate (lr=...) and start again"
+            )
+        entry = {
+            "step": state.step,
+            "epoch": round(state.step / run.steps_per_epoch, 3),
+            "loss": mean,
+            "lr": run.scheduler.get_last_lr()[0],
+            "samples_per_s": state.samples / self.elapsed(),
+        }
         state.losses.append({"step": state.step, "loss": mean})
         if self.main:
             append_metrics_log(self.metrics_path, entry)
         bar.set_postfix(loss=f"{mean:.4f}", lr=f"{entry['lr']:.2e}")
         if bar.disable:
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f samples/s", state.step, run.total, mean, entry["lr"],
-                     entry["samples_per_s"])
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f samples/s",
+                state.step,
+                run.total,
+                mean,
+                entry["lr"],
+                entry["samples_per_s"],
+            )
 
     def validate(self) -> None:
         """Evaluate on the validation split, keep the best checkpoint, decide early stopping."""
@@ -232,18 +270,31 @@ class _Loop:
         if self.main:
             append_metrics_log(self.metrics_path, entry)
         improved = _better(tc.metric_for_best, value, state.best)
-        log.info("validation at step %d: loss %.4f  accuracy %.4f  macro-F1 %.4f%s", state.step, metrics["loss"],
-                 metrics["accuracy"], metrics["macro_f1"], "  (best so far)" if improved else "")
+        log.info(
+            "validation at step %d: loss %.4f  accuracy %.4f  macro-F1 %.4f%s",
+            state.step,
+            metrics["loss"],
+            metrics["accuracy"],
+            metrics["macro_f1"],
+            "  (best so far)" if improved else "",
+        )
         if improved:
             state.best, state.best_step, state.bad_rounds = value, state.step, 0
             if self.checkpoint_dir is not None and self.main:
-                checkpoint.save(self.checkpoint_dir / "best", self.run.plain,
-                                {"step": state.step, tc.metric_for_best: value})
+                checkpoint.save(
+                    self.checkpoint_dir / "best", self.run.plain, {"step": state.step, tc.metric_for_best: value}
+                )
             return
         state.bad_rounds += 1
         if tc.early_stopping_patience and state.bad_rounds >= tc.early_stopping_patience:
-            log.info("early stopping at step %d: no better %s for %d validation rounds (best %.4f at step %d)",
-                     state.step, tc.metric_for_best, state.bad_rounds, state.best, state.best_step)
+            log.info(
+                "early stopping at step %d: no better %s for %d validation rounds (best %.4f at step %d)",
+                state.step,
+                tc.metric_for_best,
+                state.bad_rounds,
+                state.best,
+                state.best_step,
+            )
             state.early_stopped = True
 
     def count_tokens(self) -> None:
@@ -260,13 +311,28 @@ class _Loop:
         rng_states = gather_objects(torch.get_rng_state())
         if self.main:
             self.state.elapsed = self.elapsed()
-            checkpoint.save(self.checkpoint_dir / "last", self.run.plain, self.state.to_dict(), self.run.optimizer,
-                            self.run.scheduler, rng_states)
+            checkpoint.save(
+                self.checkpoint_dir / "last",
+                self.run.plain,
+                self.state.to_dict(),
+                self.run.optimizer,
+                self.run.scheduler,
+                rng_states,
+            )
 
 
-def train(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig, precision: str,
-          metrics_path: Path | None = None, *, checkpoint_dir: Path | None = None, resume: bool = False,
-          validate: Callable | None = None) -> TrainSummary:
+def train(
+    model,
+    dataset: TokenizedDataset,
+    collator: PadCollator,
+    cfg: RunConfig,
+    precision: str,
+    metrics_path: Path | None = None,
+    *,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    validate: Callable | None = None,
+) -> TrainSummary:
     """Train `model` in place; returns a TrainSummary.
 
     With `checkpoint_dir`, checkpoints go to `<dir>/last` every `save_every` steps and at
@@ -289,8 +355,17 @@ def _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_di
     run = _set_up(model, dataset, collator, cfg, precision)
     state = _resume(run, cfg, checkpoint_dir, metrics_path) if resume else TrainState(config=cfg.to_dict())
     head_lr = f", head lr {cfg.head_lr:.2g}" if cfg.head_lr != cfg.lr else ""
-    log.info("training: %d steps (%d per epoch, batch %d, lr %.2g%s, warmup %d), precision %s, %s", run.total,
-             run.steps_per_epoch, tc.batch_size, cfg.lr, head_lr, run.warmup, precision, run.accelerator.device)
+    log.info(
+        "training: %d steps (%d per epoch, batch %d, lr %.2g%s, warmup %d), precision %s, %s",
+        run.total,
+        run.steps_per_epoch,
+        tc.batch_size,
+        cfg.lr,
+        head_lr,
+        run.warmup,
+        precision,
+        run.accelerator.device,
+    )
     loop = _Loop(run, cfg, state, metrics_path, checkpoint_dir, validate)
     run.model.train()
     bar = tqdm(total=run.total, initial=state.step, desc="train", disable=None if loop.main else True)
@@ -310,8 +385,13 @@ def _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_di
                     loop.log(bar)
                 if validate is not None and (last or (state.step % tc.eval_every == 0 if tc.eval_every else epoch_end)):
                     loop.validate()
-                if (tc.save_every and state.step % tc.save_every == 0) or epoch_end or last or state.early_stopped \
-                        or interrupt.requested:
+                if (
+                    (tc.save_every and state.step % tc.save_every == 0)
+                    or epoch_end
+                    or last
+                    or state.early_stopped
+                    or interrupt.requested
+                ):
                     loop.checkpoint()
                 if interrupt.requested:
                     raise KeyboardInterrupt
@@ -319,22 +399,41 @@ def _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_di
                     break
     loop.count_tokens()
     elapsed = loop.elapsed()
-    if validate is not None and tc.load_best and checkpoint_dir is not None and (checkpoint_dir / "best").exists() \
-            and state.best_step != state.step:
+    if (
+        validate is not None
+        and tc.load_best
+        and checkpoint_dir is not None
+        and (checkpoint_dir / "best").exists()
+        and state.best_step != state.step
+    ):
         checkpoint.load_weights(checkpoint_dir / "best", run.plain)
         log.info("loaded the best checkpoint (step %d, %s %.4f)", state.best_step, tc.metric_for_best, state.best)
     run.accelerator.free_memory()
     return TrainSummary(
-        engine="native", steps=state.step, epochs=state.step / run.steps_per_epoch, train_seconds=elapsed,
-        train_samples_per_s=state.samples / elapsed, train_tokens_per_s=state.tokens / elapsed,
-        final_loss=state.losses[-1]["loss"] if state.losses else float("nan"), precision=precision,
-        loss_history=state.losses, validation=state.validation, best_step=state.best_step,
-        early_stopped=state.early_stopped)
+        engine="native",
+        steps=state.step,
+        epochs=state.step / run.steps_per_epoch,
+        train_seconds=elapsed,
+        train_samples_per_s=state.samples / elapsed,
+        train_tokens_per_s=state.tokens / elapsed,
+        final_loss=state.losses[-1]["loss"] if state.losses else float("nan"),
+        precision=precision,
+        loss_history=state.losses,
+        validation=state.validation,
+        best_step=state.best_step,
+        early_stopped=state.early_stopped,
+    )
 
 
 @torch.inference_mode()
-def predict_logits(model, dataset: TokenizedDataset, collator: PadCollator, batch_size: int,
-                   precision: str = "fp32", desc: str = "eval") -> np.ndarray:
+def predict_logits(
+    model,
+    dataset: TokenizedDataset,
+    collator: PadCollator,
+    batch_size: int,
+    precision: str = "fp32",
+    desc: str = "eval",
+) -> np.ndarray:
     """Logits (float32, shape [n, num_labels]) in dataset order.
 
     Batches are formed longest-first so each is padded only to its own longest text.
@@ -349,7 +448,7 @@ def predict_logits(model, dataset: TokenizedDataset, collator: PadCollator, batc
     # every example is counted exactly once, with no padding of the last shard.
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if distributed:
-        batches = batches[dist.get_rank()::dist.get_world_size()]
+        batches = batches[dist.get_rank() :: dist.get_world_size()]
     out = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
     start = time.perf_counter()
     with autocast(device, precision):
@@ -367,8 +466,15 @@ def predict_logits(model, dataset: TokenizedDataset, collator: PadCollator, batc
     return out
 
 
-def evaluate(model, dataset: TokenizedDataset, collator: PadCollator, label_names: list[str],
-             batch_size: int, precision: str = "fp32", desc: str = "eval") -> tuple[dict, np.ndarray]:
+def evaluate(
+    model,
+    dataset: TokenizedDataset,
+    collator: PadCollator,
+    label_names: list[str],
+    batch_size: int,
+    precision: str = "fp32",
+    desc: str = "eval",
+) -> tuple[dict, np.ndarray]:
     """Metrics (with eval_seconds and eval_samples_per_s) and logits of `model` on a labelled dataset."""
     start = time.perf_counter()
     logits = predict_logits(model, dataset, collator, batch_size, precision, desc)

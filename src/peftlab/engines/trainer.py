@@ -66,8 +66,15 @@ def _trainer_args(cfg: RunConfig, precision: str, output_dir: Path, device: torc
     )
 
 
-def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, collator: PadCollator,
-                  train_dataset=None, metrics_path: Path | None = None):
+def _make_trainer(
+    model,
+    cfg: RunConfig,
+    precision: str,
+    output_dir: Path,
+    collator: PadCollator,
+    train_dataset=None,
+    metrics_path: Path | None = None,
+):
     from transformers import Trainer, TrainerCallback
 
     class StepHook(TrainerCallback):
@@ -87,8 +94,15 @@ def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, colla
         def on_log(self, args, state, control, logs=None, **kwargs):
             if metrics_path is None or not state.is_world_process_zero or "loss" not in (logs or {}):
                 return
-            append_metrics_log(metrics_path, {"step": state.global_step, "epoch": round(state.epoch or 0.0, 3),
-                                              "loss": logs["loss"], "lr": logs.get("learning_rate")})
+            append_metrics_log(
+                metrics_path,
+                {
+                    "step": state.global_step,
+                    "epoch": round(state.epoch or 0.0, 3),
+                    "loss": logs["loss"],
+                    "lr": logs.get("learning_rate"),
+                },
+            )
 
     # LoRA+ and a separate head rate need their own parameter groups; otherwise the
     # Trainer builds its default AdamW.
@@ -103,8 +117,15 @@ def _make_trainer(model, cfg: RunConfig, precision: str, output_dir: Path, colla
     )
 
 
-def train(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig, precision: str,
-          work_dir: Path, metrics_path: Path | None = None) -> TrainSummary:
+def train(
+    model,
+    dataset: TokenizedDataset,
+    collator: PadCollator,
+    cfg: RunConfig,
+    precision: str,
+    work_dir: Path,
+    metrics_path: Path | None = None,
+) -> TrainSummary:
     """Train `model` in place with the Hugging Face Trainer; returns the same TrainSummary as
     the native loop. Loss logs are appended to `metrics_path` as the native loop writes them."""
     from accelerate.state import AcceleratorState
@@ -119,15 +140,21 @@ def train(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfi
     tokens = sum(dataset.lengths) * result.global_step * cfg.train.batch_size / max(len(dataset), 1)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     return TrainSummary(
-        engine="trainer", steps=result.global_step, epochs=trainer.state.epoch, train_seconds=elapsed,
+        engine="trainer",
+        steps=result.global_step,
+        epochs=trainer.state.epoch,
+        train_seconds=elapsed,
         train_samples_per_s=min(len(dataset) * cfg.train.epochs, result.global_step * cfg.train.batch_size) / elapsed,
         train_tokens_per_s=tokens / elapsed,
-        final_loss=losses[-1]["loss"] if losses else float(result.training_loss), precision=precision,
-        loss_history=losses)
+        final_loss=losses[-1]["loss"] if losses else float(result.training_loss),
+        precision=precision,
+        loss_history=losses,
+    )
 
 
-def predict_logits(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig, precision: str,
-                   work_dir: Path) -> np.ndarray:
+def predict_logits(
+    model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig, precision: str, work_dir: Path
+) -> np.ndarray:
     """Logits through `Trainer.predict`, batched exactly as the native evaluation batches.
 
     Same batches and precision as `engines.native.predict_logits`, so both engines produce the
@@ -143,8 +170,11 @@ def predict_logits(model, dataset: TokenizedDataset, collator: PadCollator, cfg:
         def get_test_dataloader(self, test_dataset):
             return torch.utils.data.DataLoader(test_dataset, batch_sampler=sampler, collate_fn=collator)
 
-    trainer = SortedBatchesTrainer(model=model, args=_trainer_args(cfg, precision, work_dir, next(model.parameters()).device),
-                                   data_collator=collator)
+    trainer = SortedBatchesTrainer(
+        model=model,
+        args=_trainer_args(cfg, precision, work_dir, next(model.parameters()).device),
+        data_collator=collator,
+    )
     try:
         output = trainer.predict(_ListDataset(dataset))
     finally:

@@ -26,5 +26,13 @@ def __getattr__(name):
     raise AttributeError(f"module 'peftlab.methods' has no attribute {name!r}")
 
 
-__all__ = ["METHODS", "MethodSpec", "accept_past_key_values", "apply_method", "count_parameters",
-           "fix_prompt_pooling", "method_table", "prepare_step_hook"]
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "accept_past_key_values",
+    "apply_method",
+    "count_parameters",
+    "fix_prompt_pooling",
+    "method_table",
+    "prepare_step_hook",
+]

@@ -78,8 +78,10 @@ def _ia3_targets(model, cfg: MethodConfig) -> tuple[list[str] | str | None, list
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as known
 
     if model_type not in known:
-        raise PeftlabError(f"ia3 has no default target modules for model type {model_type!r}: "
-                           f"give them, e.g. target_modules=[k_proj,v_proj]")
+        raise PeftlabError(
+            f"ia3 has no default target modules for model type {model_type!r}: "
+            f"give them, e.g. target_modules=[k_proj,v_proj]"
+        )
     return None, None  # peft's own table for this architecture
 
 
@@ -140,8 +142,13 @@ def apply_method(model, cfg: MethodConfig):
         model = get_peft_model(model, peft_config(model, cfg, heads))
         fix_prompt_pooling(model)
     trainable, total = count_parameters(model)
-    log.info("method: %s (%s trainable of %s parameters, %.3f%%)", cfg.name, f"{trainable:,}",
-             f"{total:,}", 100 * trainable / total)
+    log.info(
+        "method: %s (%s trainable of %s parameters, %.3f%%)",
+        cfg.name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
     return model
 
 
@@ -160,8 +167,9 @@ def prepare_step_hook(model, total_steps: int):
     config.tinit = int(0.1 * total_steps)
     config.tfinal = int(0.2 * total_steps)
     if config.tinit >= total_steps - config.tfinal:
-        raise PeftlabError(f"adalora needs more training steps to reallocate ranks (got {total_steps}): "
-                           f"train for at least 5 steps")
+        raise PeftlabError(
+            f"adalora needs more training steps to reallocate ranks (got {total_steps}): train for at least 5 steps"
+        )
     adalora = model.base_model
 
     def update_and_allocate(step: int) -> None:

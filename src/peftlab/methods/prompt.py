@@ -30,9 +30,11 @@ def accept_past_key_values(model) -> None:
         return  # transformers 4.x: peft's own path works
     backbone = getattr(model, "base_model", model)
     if "cache" not in inspect.signature(backbone.forward).parameters:
-        raise PeftlabError(f"prefix_tuning feeds learned keys/values through the attention cache, which "
-                           f"{type(model).__name__} (transformers {_transformers_version()}) does not "
-                           f"accept: use prompt_tuning or p_tuning")
+        raise PeftlabError(
+            f"prefix_tuning feeds learned keys/values through the attention cache, which "
+            f"{type(model).__name__} (transformers {_transformers_version()}) does not "
+            f"accept: use prompt_tuning or p_tuning"
+        )
     model.forward = types.MethodType(_forward_with_prefix, model)
 
 
@@ -47,7 +49,8 @@ def _transformers_version() -> str:
 
 
 def fix_prompt_pooling(model) -> None:
-    """Make last-token pooling read the last real token under prompt_tuning / p_tuning (pitfall 4).
+    """Make last-token pooling read the last real token under prompt_tuning / p_tuning, which pass
+    `inputs_embeds` (the pooling pitfall, 4).
 
     These methods hand the base model `inputs_embeds` (virtual tokens + text). Decoder heads
     find the last non-padding token from `input_ids`; given embeddings they take the last
@@ -92,8 +95,10 @@ def _pool_cls_after_prompt(model, num_virtual: int) -> None:
     backbone = model.base_model  # transformers' backbone property (e.g. .bert, .distilbert)
     stack = getattr(backbone, "encoder", None) or getattr(backbone, "transformer", None)
     if stack is None or backbone is model:
-        log.warning("%s: cannot find the encoder stack, so pooling reads the first virtual token "
-                    "instead of [CLS]", type(model).__name__)
+        log.warning(
+            "%s: cannot find the encoder stack, so pooling reads the first virtual token instead of [CLS]",
+            type(model).__name__,
+        )
         return
 
     def drop_virtual_positions(module, args, output):

@@ -60,14 +60,17 @@ class MethodSpec:
 
     def __post_init__(self):
         if self.family not in FAMILIES or self.artifact not in ARTIFACTS or self.wraps not in WRAPS:
-            raise ValueError(f"method {self.name!r}: family, artifact and wraps must be one of "
-                             f"{FAMILIES}, {ARTIFACTS}, {WRAPS}")
+            raise ValueError(
+                f"method {self.name!r}: family, artifact and wraps must be one of {FAMILIES}, {ARTIFACTS}, {WRAPS}"
+            )
         peft = self.artifact == "peft"
         wraps_ok = (self.wraps is not None or self.family == "prompt") if peft else self.wraps is None
         if (self.peft_config is not None) != peft or (self.trains is None) != peft or not wraps_ok:
-            raise ValueError(f"method {self.name!r}: a peft method has peft_config, artifact='peft' and wraps "
-                             f"(None for prompt methods); a native method has trains, artifact 'full' or "
-                             f"'head', and wraps=None")
+            raise ValueError(
+                f"method {self.name!r}: a peft method has peft_config, artifact='peft' and wraps "
+                f"(None for prompt methods); a native method has trains, artifact 'full' or "
+                f"'head', and wraps=None"
+            )
 
     @property
     def description(self) -> str:
@@ -83,8 +86,9 @@ def is_quantized(model) -> bool:
 def _lora(cfg, targets, common, **options):
     import peft
 
-    return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                           **options, **common)
+    return peft.LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, **options, **common
+    )
 
 
 def _loftq(cfg, targets, common):
@@ -97,9 +101,18 @@ def _adalora(cfg, targets, common):
     import peft
 
     # total_step is a placeholder: the training loop sets the real count (prepare_step_hook).
-    return peft.AdaLoraConfig(init_r=cfg.adalora_init_r, target_r=cfg.r, lora_alpha=cfg.alpha,
-                              lora_dropout=cfg.dropout, target_modules=targets,
-                              total_step=100, tinit=10, tfinal=20, deltaT=1, **common)
+    return peft.AdaLoraConfig(
+        init_r=cfg.adalora_init_r,
+        target_r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        total_step=100,
+        tinit=10,
+        tfinal=20,
+        deltaT=1,
+        **common,
+    )
 
 
 def _ia3(cfg, targets, common):
@@ -124,16 +137,18 @@ def _lokr(cfg, targets, common):
 def _vera(cfg, targets, common):
     import peft
 
-    return peft.VeraConfig(r=cfg.vera_r, vera_dropout=cfg.dropout, target_modules=targets,
-                           save_projection=True, **common)
+    return peft.VeraConfig(
+        r=cfg.vera_r, vera_dropout=cfg.dropout, target_modules=targets, save_projection=True, **common
+    )
 
 
 def _boft(cfg, targets, common):
     import peft
 
     # r blocks per weight (their size follows from the layer width), as for OFT.
-    return peft.BOFTConfig(boft_block_num=cfg.r, boft_block_size=0, boft_dropout=cfg.dropout,
-                           target_modules=targets, **common)
+    return peft.BOFTConfig(
+        boft_block_num=cfg.r, boft_block_size=0, boft_dropout=cfg.dropout, target_modules=targets, **common
+    )
 
 
 def _oft(cfg, targets, common):
@@ -160,15 +175,20 @@ def _p_tuning(cfg, targets, common):
     # LSTM by default (MethodConfig.prompt_encoder): on the tests' task the MLP encoder
     # collapsed for some seeds (after its first Adam steps the virtual tokens swamped
     # attention and [CLS] stopped depending on the text); the LSTM did not.
-    return peft.PromptEncoderConfig(num_virtual_tokens=cfg.num_virtual_tokens,
-                                    encoder_hidden_size=cfg.encoder_hidden_size,
-                                    encoder_reparameterization_type=cfg.prompt_encoder.upper(), **common)
+    return peft.PromptEncoderConfig(
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        encoder_hidden_size=cfg.encoder_hidden_size,
+        encoder_reparameterization_type=cfg.prompt_encoder.upper(),
+        **common,
+    )
 
 
 def _quantized_base(name: str, model, heads) -> str | None:
     if is_quantized(model):
-        return (f"{name} initialises from the base weights and cannot start from quantized ones here: "
-                f"use model.quantization=none")
+        return (
+            f"{name} initialises from the base weights and cannot start from quantized ones here: "
+            f"use model.quantization=none"
+        )
     return None
 
 
@@ -178,15 +198,19 @@ def _no_cuda_bitsandbytes(model, heads) -> str | None:
     import torch
 
     if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-        return ("loftq initialises LoRA against bitsandbytes' 4-bit quantization of the weights, which needs "
-                "a CUDA GPU and the bitsandbytes package: run it there, or use method=pissa/olora on this machine")
+        return (
+            "loftq initialises LoRA against bitsandbytes' 4-bit quantization of the weights, which needs "
+            "a CUDA GPU and the bitsandbytes package: run it there, or use method=pissa/olora on this machine"
+        )
     return None
 
 
 def _no_biases(model, heads) -> str | None:
     if not any(n.endswith(".bias") for n, _ in model.named_parameters() if n.split(".")[0] not in heads):
-        return (f"{type(model).__name__} has no bias parameters, so bitfit would only train "
-                f"the head: use method=head (or another method)")
+        return (
+            f"{type(model).__name__} has no bias parameters, so bitfit would only train "
+            f"the head: use method=head (or another method)"
+        )
     return None
 
 
@@ -204,51 +228,173 @@ def _head_or_bias(name: str, heads: Collection[str]) -> bool:
 
 _PROMPT = {"family": "prompt", "lr": 3e-2, "wraps": None, "mergeable": False}
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    MethodSpec(name="lora", family="lora", lr=1e-3, peft_config=_lora,
-               about="low-rank update B·A of the attention projections"),
-    MethodSpec(name="dora", family="lora", lr=1e-3, peft_config=partial(_lora, use_dora=True),
-               about="LoRA with the weight split into magnitude and direction (use_dora)"),
-    MethodSpec(name="rslora", family="lora", lr=1e-3, peft_config=partial(_lora, use_rslora=True),
-               about="LoRA scaled by alpha/sqrt(r) (use_rslora), stable at high ranks"),
-    MethodSpec(name="pissa", family="lora", lr=1e-3, peft_config=partial(_lora, init_lora_weights="pissa"),
-               check=partial(_quantized_base, "pissa"),
-               about="LoRA initialised from the weights' principal singular vectors"),
-    MethodSpec(name="olora", family="lora", lr=1e-3, peft_config=partial(_lora, init_lora_weights="olora"),
-               check=partial(_quantized_base, "olora"),
-               about="LoRA initialised from a QR decomposition of the weights"),
-    MethodSpec(name="loftq", family="lora", lr=1e-3, peft_config=_loftq, needs_cuda=True,
-               check=_no_cuda_bitsandbytes, about="LoRA initialised to offset 4-bit quantization error"),
-    # The LoRA+ paper halves the LoRA rate: B trains at lora_plus_ratio (16) x this.
-    MethodSpec(name="lora_plus", family="lora", lr=5e-4, peft_config=_lora, b_lr_ratio_field="lora_plus_ratio",
-               about="LoRA with the B matrices trained at lr x lora_plus_ratio"),
-    MethodSpec(name="qlora", family="lora", lr=1e-3, peft_config=_lora, needs_cuda=True, quantization="4bit",
-               about="LoRA on 4-bit quantized base weights"),
-    MethodSpec(name="adalora", family="adalora", lr=2e-2, peft_config=_adalora,
-               about="LoRA whose rank budget is reallocated between modules while training"),
-    MethodSpec(name="ia3", family="scaling", lr=1e-2, peft_config=_ia3, wraps="ia3",
-               about="learned rescaling of keys, values and feedforward activations"),
-    MethodSpec(name="loha", family="hadamard/kronecker", lr=5e-3, peft_config=_loha,
-               about="low-rank Hadamard product update"),
-    MethodSpec(name="lokr", family="hadamard/kronecker", lr=1e-2, peft_config=_lokr,
-               about="low-rank Kronecker product update"),
-    MethodSpec(name="vera", family="vera", lr=3e-2, peft_config=_vera,
-               about="shared frozen random projections with trained scaling vectors"),
-    MethodSpec(name="boft", family="orthogonal", lr=1e-3, peft_config=_boft,
-               about="butterfly-factorised orthogonal rotation of the weights"),
-    MethodSpec(name="oft", family="orthogonal", lr=1e-3, peft_config=_oft,
-               about="block-diagonal orthogonal rotation of the weights"),
-    MethodSpec(name="prompt_tuning", **_PROMPT, head_lr=1e-1, peft_config=_prompt_tuning,
-               about="learned virtual-token embeddings prepended to the input"),
-    MethodSpec(name="prefix_tuning", **_PROMPT, peft_config=_prefix_tuning, past_key_values=True,
-               about="learned key/value prefixes in every attention layer"),
-    MethodSpec(name="p_tuning", **_PROMPT, head_lr=1e-1, peft_config=_p_tuning,
-               about="virtual tokens produced by a small prompt-encoder MLP"),
-    MethodSpec(name="full", family="native", lr=5e-5, trains=_every_weight, artifact="full", wraps=None,
-               about="every weight"),
-    # A linear probe: only 770 weights (MiniLM), all starting from random.
-    MethodSpec(name="head", family="native", lr=1e-1, trains=_in_head, artifact="head", wraps=None,
-               about="only the classification head (a linear probe)"),
-    MethodSpec(name="bitfit", family="native", lr=1e-3, head_lr=1e-1, trains=_head_or_bias, artifact="head",
-               wraps=None, check=_no_biases, about="only the biases (and the head)"),
-)}
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            name="lora",
+            family="lora",
+            lr=1e-3,
+            peft_config=_lora,
+            about="low-rank update B·A of the attention projections",
+        ),
+        MethodSpec(
+            name="dora",
+            family="lora",
+            lr=1e-3,
+            peft_config=partial(_lora, use_dora=True),
+            about="LoRA with the weight split into magnitude and direction (use_dora)",
+        ),
+        MethodSpec(
+            name="rslora",
+            family="lora",
+            lr=1e-3,
+            peft_config=partial(_lora, use_rslora=True),
+            about="LoRA scaled by alpha/sqrt(r) (use_rslora), stable at high ranks",
+        ),
+        MethodSpec(
+            name="pissa",
+            family="lora",
+            lr=1e-3,
+            peft_config=partial(_lora, init_lora_weights="pissa"),
+            check=partial(_quantized_base, "pissa"),
+            about="LoRA initialised from the weights' principal singular vectors",
+        ),
+        MethodSpec(
+            name="olora",
+            family="lora",
+            lr=1e-3,
+            peft_config=partial(_lora, init_lora_weights="olora"),
+            check=partial(_quantized_base, "olora"),
+            about="LoRA initialised from a QR decomposition of the weights",
+        ),
+        MethodSpec(
+            name="loftq",
+            family="lora",
+            lr=1e-3,
+            peft_config=_loftq,
+            needs_cuda=True,
+            check=_no_cuda_bitsandbytes,
+            about="LoRA initialised to offset 4-bit quantization error",
+        ),
+        # The LoRA+ paper halves the LoRA rate: B trains at lora_plus_ratio (16) x this.
+        MethodSpec(
+            name="lora_plus",
+            family="lora",
+            lr=5e-4,
+            peft_config=_lora,
+            b_lr_ratio_field="lora_plus_ratio",
+            about="LoRA with the B matrices trained at lr x lora_plus_ratio",
+        ),
+        MethodSpec(
+            name="qlora",
+            family="lora",
+            lr=1e-3,
+            peft_config=_lora,
+            needs_cuda=True,
+            quantization="4bit",
+            about="LoRA on 4-bit quantized base weights",
+        ),
+        MethodSpec(
+            name="adalora",
+            family="adalora",
+            lr=2e-2,
+            peft_config=_adalora,
+            about="LoRA whose rank budget is reallocated between modules while training",
+        ),
+        MethodSpec(
+            name="ia3",
+            family="scaling",
+            lr=1e-2,
+            peft_config=_ia3,
+            wraps="ia3",
+            about="learned rescaling of keys, values and feedforward activations",
+        ),
+        MethodSpec(
+            name="loha",
+            family="hadamard/kronecker",
+            lr=5e-3,
+            peft_config=_loha,
+            about="low-rank Hadamard product update",
+        ),
+        MethodSpec(
+            name="lokr",
+            family="hadamard/kronecker",
+            lr=1e-2,
+            peft_config=_lokr,
+            about="low-rank Kronecker product update",
+        ),
+        MethodSpec(
+            name="vera",
+            family="vera",
+            lr=3e-2,
+            peft_config=_vera,
+            about="shared frozen random projections with trained scaling vectors",
+        ),
+        MethodSpec(
+            name="boft",
+            family="orthogonal",
+            lr=1e-3,
+            peft_config=_boft,
+            about="butterfly-factorised orthogonal rotation of the weights",
+        ),
+        MethodSpec(
+            name="oft",
+            family="orthogonal",
+            lr=1e-3,
+            peft_config=_oft,
+            about="block-diagonal orthogonal rotation of the weights",
+        ),
+        MethodSpec(
+            name="prompt_tuning",
+            **_PROMPT,
+            head_lr=1e-1,
+            peft_config=_prompt_tuning,
+            about="learned virtual-token embeddings prepended to the input",
+        ),
+        MethodSpec(
+            name="prefix_tuning",
+            **_PROMPT,
+            peft_config=_prefix_tuning,
+            past_key_values=True,
+            about="learned key/value prefixes in every attention layer",
+        ),
+        MethodSpec(
+            name="p_tuning",
+            **_PROMPT,
+            head_lr=1e-1,
+            peft_config=_p_tuning,
+            about="virtual tokens produced by a small prompt-encoder MLP",
+        ),
+        MethodSpec(
+            name="full",
+            family="native",
+            lr=5e-5,
+            trains=_every_weight,
+            artifact="full",
+            wraps=None,
+            about="every weight",
+        ),
+        # A linear probe: only 770 weights (MiniLM), all starting from random.
+        MethodSpec(
+            name="head",
+            family="native",
+            lr=1e-1,
+            trains=_in_head,
+            artifact="head",
+            wraps=None,
+            about="only the classification head (a linear probe)",
+        ),
+        MethodSpec(
+            name="bitfit",
+            family="native",
+            lr=1e-3,
+            head_lr=1e-1,
+            trains=_head_or_bias,
+            artifact="head",
+            wraps=None,
+            check=_no_biases,
+            about="only the biases (and the head)",
+        ),
+    )
+}

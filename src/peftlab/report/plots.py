@@ -1,7 +1,7 @@
 """Figures for report.html: each function returns PNG bytes.
 
 matplotlib is an optional extra (`pip install peftlab[report]`); it is imported inside
-`figure_canvas` so that importing peftlab, and `peftlab --help`, never pay for it.
+`_new_figure` so that importing peftlab, and `peftlab --help`, never pay for it.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def per_class_f1(per_class: dict[str, dict[str, dict]]) -> bytes:
 
 
 def binary_curves(curves: dict[str, dict]) -> bytes:
-    """Precision-recall and ROC curves (title -> report.binary_curves output), side by side."""
+    """Precision-recall and ROC curves (title -> report.html.binary_curves output), side by side."""
     fig = _new_figure(9.0, 3.8)
     pr_ax, roc_ax = fig.subplots(1, 2)
     for title, c in curves.items():
