@@ -2,6 +2,7 @@
 what a failed run leaves behind, the non-finite weights check, and how evaluate_model and
 Predictor follow what the adapter was trained with."""
 
+import copy
 import math
 import os
 from pathlib import Path
@@ -129,3 +130,13 @@ def test_predictor_needs_one_second_text_per_text(short_adapter):
     predictor = Predictor(short_adapter[1])
     with pytest.raises(PeftlabError, match=r"2 texts but 1 second texts: give one pair per text"):
         predictor(["w1 good", "w2 bad"], pairs=["w3"])
+
+
+def test_a_validated_config_is_never_changed_by_a_run(tiny_cfg):
+    """The run's name comes from its folder, qlora's 4-bit base from the method: neither is
+    written back into the config the caller passed."""
+    tiny_cfg.train.max_steps = 1
+    before = copy.deepcopy(tiny_cfg.to_dict())
+    report = run_experiment(tiny_cfg, baseline=False, reload=False)
+    assert tiny_cfg.to_dict() == before and tiny_cfg.name is None
+    assert report["name"] == Path(report["run_dir"]).name == tiny_cfg.default_name()

@@ -294,7 +294,7 @@ def test_qlora_without_cuda_fails_clearly(tiny_cfg, monkeypatch):
     tiny_cfg.method.name = "qlora"
     with pytest.raises(PeftlabError, match="needs a CUDA GPU"):
         run_experiment(tiny_cfg.validate(), baseline=False, reload=False)
-    assert tiny_cfg.model.quantization == "4bit"
+    assert tiny_cfg.quantization == "4bit" and tiny_cfg.model.quantization == "none"  # derived, not written
 
 
 def test_unavailable_methods_and_devices_fail_clearly(tiny_cfg, tiny_decoder, monkeypatch):

@@ -117,6 +117,7 @@ def test_early_stopping_stops_when_validation_stops_improving(tiny_cfg):
 
 def test_diverging_loss_stops_with_a_clear_message(tiny_cfg):
     cfg = tiny_cfg
+    cfg.name = "diverged"
     cfg.train.lr, cfg.train.log_every, cfg.train.save_every, cfg.train.max_grad_norm = 1e30, 1, 1, 0
     with pytest.raises(
         PeftlabError,

@@ -206,8 +206,6 @@ class MethodConfig:
             out.append(f"method.alpha={self.alpha} must be positive, e.g. 16")
         if self.lora_plus_ratio < 1:
             out.append(f"method.lora_plus_ratio={self.lora_plus_ratio} must be at least 1, e.g. 16")
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
         return out
 
 
@@ -331,8 +329,6 @@ class RunConfig:
         """Collect every problem, then raise once (so the user fixes them in one go)."""
         problems = []
         spec = METHODS.get(self.method.name)  # None: reported by MethodConfig.problems
-        if spec is not None and self.model.quantization == "none":
-            self.model.quantization = spec.quantization
         for name, section in (
             ("data", self.data),
             ("model", self.model),
@@ -364,6 +360,14 @@ class RunConfig:
         if problems:
             raise PeftlabError("invalid config: " + "; ".join(problems))
         return self
+
+    @property
+    def quantization(self) -> str:
+        """How the base model loads: model.quantization, or the method's own (qlora: 4bit)."""
+        spec = METHODS.get(self.method.name)
+        if self.model.quantization == "none" and spec is not None:
+            return spec.quantization
+        return self.model.quantization
 
     @property
     def lr(self) -> float:

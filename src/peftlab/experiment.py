@@ -4,6 +4,7 @@ reload, evaluate, report. This is the library API behind `peftlab run` and `peft
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -119,8 +120,8 @@ def run_experiment(
             files.write_text_atomic(run_dir / "config.yaml", cfg.to_yaml())
         return str(run_dir), run_dir.name
 
-    run_dir, cfg.name = _main_decides(prepare)
-    run_dir = Path(run_dir)
+    # A validated config is never changed: the run's name is its folder's (default names are numbered).
+    run_dir = Path(_main_decides(prepare)[0])
     try:
         report = _run(cfg, run_dir, baseline, reload, bundle, resume, main)
     except KeyboardInterrupt:
@@ -179,13 +180,14 @@ def _load(cfg: RunConfig, bundle: DataBundle) -> _Loaded:
     configured device (each process its own, when distributed), and the precision."""
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.model.device)
-    model, tokenizer, source = load_model(cfg.model, len(bundle.label_names), bundle.label_names)
+    model_cfg = dataclasses.replace(cfg.model, quantization=cfg.quantization)  # qlora: 4bit unless set
+    model, tokenizer, source = load_model(model_cfg, len(bundle.label_names), bundle.label_names)
     if cfg.model.model_dropout is not None:
         set_model_dropout(model, cfg.model.model_dropout)
     state = distributed_state()
     if state.num_processes > 1:
         device = state.device  # each process its own GPU (or the CPU)
-    if cfg.model.quantization == "none":  # bitsandbytes places quantized weights itself
+    if cfg.quantization == "none":  # bitsandbytes places quantized weights itself
         model.to(device)
     return _Loaded(
         model,
@@ -291,7 +293,7 @@ def _adapter_meta(
         "num_labels": len(bundle.label_names),
         "head_modules": heads,
         "method": cfg.to_dict()["method"],
-        "quantization": cfg.model.quantization,
+        "quantization": cfg.quantization,
         "max_length": cfg.data.max_length,
         "truncation": cfg.data.truncation,
         "data": {
@@ -317,7 +319,7 @@ def _reload(
         trust_remote_code=cfg.model.trust_remote_code,
         allow_pickle=cfg.model.allow_pickle,
     )
-    if cfg.model.quantization == "none":
+    if cfg.quantization == "none":
         reloaded.to(loaded.device)
     metrics, logits = _eval(
         engine, reloaded, test_ds, loaded.collator, bundle, cfg, loaded.precision, run_dir, "reloaded"
@@ -368,7 +370,7 @@ def _run(
         del model
         reloaded, reload_check = _reload(engine, adapter_dir, loaded, test_ds, bundle, cfg, run_dir, tuned_logits)
     report = {
-        "name": cfg.name,
+        "name": run_dir.name,
         "run_dir": str(run_dir),
         "started": started,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -461,9 +463,12 @@ def evaluate_model(
         model, tokenizer, meta = artifacts.load_adapter(
             Path(adapter_dir), model_name, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
         )
-        data_cfg.max_length = meta.get("max_length", data_cfg.max_length)
-        data_cfg.truncation = meta.get("truncation", data_cfg.truncation)
-        data_cfg.text_pair_column = data_cfg.text_pair_column or meta.get("data", {}).get("text_pair_column")
+        data_cfg = dataclasses.replace(
+            data_cfg,
+            max_length=meta.get("max_length", data_cfg.max_length),
+            truncation=meta.get("truncation", data_cfg.truncation),
+            text_pair_column=data_cfg.text_pair_column or meta.get("data", {}).get("text_pair_column"),
+        )
         bundle = load_data(data_cfg, data_dir, label_names=meta["label_names"])
     else:
         if model_name is None:

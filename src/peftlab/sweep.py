@@ -13,6 +13,7 @@ that was killed part-way from its last checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 from pathlib import Path
@@ -124,8 +125,7 @@ def run_sweep(base: RunConfig, grid: dict[str, list], sweep_name: str) -> list[d
             reports.append(run_experiment(cfg, resume=True))
             continue
         # Anything else in the folder (no checkpoint yet, other settings) starts again.
-        cfg.overwrite = True
-        reports.append(run_experiment(cfg))
+        reports.append(run_experiment(dataclasses.replace(cfg, overwrite=True)))
     return reports
 
 

@@ -43,16 +43,18 @@ IA3_TARGETS = {
 def target_modules(model, cfg: MethodConfig) -> list[str] | str:
     """The modules an adapter wraps: the user's list, `all-linear`, or the architecture's attention."""
     if cfg.target_modules:
-        if cfg.target_modules == ["all-linear"]:
+        # One name set from Python (target_modules="all-linear") is a list of one.
+        wanted = [cfg.target_modules] if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+        if wanted == ["all-linear"]:
             return "all-linear"
         names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        missing = [t for t in cfg.target_modules if t.rsplit(".", 1)[-1] not in names]
+        missing = [t for t in wanted if t.rsplit(".", 1)[-1] not in names]
         if missing:
             raise PeftlabError(
                 f"target modules {missing} not found in {type(model).__name__}: "
                 f"choose from e.g. {sorted(names)[:12]} or 'all-linear'"
             )
-        return list(cfg.target_modules)
+        return wanted
     model_type = model.config.model_type
     if model_type in ATTENTION_TARGETS:
         return ATTENTION_TARGETS[model_type]
