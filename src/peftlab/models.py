@@ -167,13 +167,27 @@ def base_fingerprint(model) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _unmark_gguf_quantization(model) -> None:
+    """transformers de-quantizes GGUF weights into plain tensors as it loads them, yet leaves
+    the model marked as GGUF-quantized: Trainer then refuses to train it and save_pretrained
+    (full fine-tuning, merged export) refuses to write it. It is an ordinary model now:
+    transformers' own way to say so."""
+    from transformers import PreTrainedModel
+
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.config._is_quantized = False
+
+
 def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None = None, tokenizer=None):
     """Load a sequence-classification model with a fresh head of `num_labels` outputs.
 
     Returns (model, tokenizer, source). Weights load from safetensors; remote code runs only
     when `cfg.trust_remote_code` is set.
     """
-    from transformers import AutoModelForSequenceClassification, PreTrainedModel
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     source = resolve(cfg.name)
@@ -212,15 +226,7 @@ def load_model(cfg: ModelConfig, num_labels: int, label_names: list[str] | None 
     finally:
         hf_logging.set_verbosity(verbosity)
     if source.gguf_file:
-        # transformers de-quantizes GGUF weights into plain tensors as it loads them, yet
-        # leaves the model marked as GGUF-quantized: Trainer then refuses to train it and
-        # save_pretrained (full fine-tuning, merged export) refuses to write it. It is an
-        # ordinary model now: transformers' own way to say so.
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        for module in model.modules():
-            if isinstance(module, PreTrainedModel):
-                module.config._is_quantized = False
+        _unmark_gguf_quantization(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
         log.info("model config had no pad_token_id: set it to %d (%r)", tokenizer.pad_token_id, tokenizer.pad_token)

@@ -350,22 +350,45 @@ def train(
         AcceleratorState._reset_state()
 
 
+def _log_plan(run: _Setup, cfg: RunConfig, precision: str) -> None:
+    head_lr = f", head lr {cfg.head_lr:.2g}" if cfg.head_lr != cfg.lr else ""
+    log.info(
+        "training: %d steps (%d per epoch, batch %d, lr %.2g%s, warmup %d), precision %s, %s",
+        *(run.total, run.steps_per_epoch, cfg.train.batch_size, cfg.lr, head_lr, run.warmup, precision),
+        run.accelerator.device,
+    )
+
+
+def _summary(loop: _Loop, precision: str) -> TrainSummary:
+    """How the run went; with a validation split, the best checkpoint's weights loaded first."""
+    state, tc, best_dir = loop.state, loop.tc, loop.checkpoint_dir / "best" if loop.checkpoint_dir else None
+    loop.count_tokens()
+    elapsed = loop.elapsed()
+    if loop.validate_fn and tc.load_best and best_dir and best_dir.exists() and state.best_step != state.step:
+        checkpoint.load_weights(best_dir, loop.run.plain)
+        log.info("loaded the best checkpoint (step %d, %s %.4f)", state.best_step, tc.metric_for_best, state.best)
+    loop.run.accelerator.free_memory()
+    return TrainSummary(
+        engine="native",
+        steps=state.step,
+        epochs=state.step / loop.run.steps_per_epoch,
+        train_seconds=elapsed,
+        train_samples_per_s=state.samples / elapsed,
+        train_tokens_per_s=state.tokens / elapsed,
+        final_loss=state.losses[-1]["loss"] if state.losses else float("nan"),
+        precision=precision,
+        loss_history=state.losses,
+        validation=state.validation,
+        best_step=state.best_step,
+        early_stopped=state.early_stopped,
+    )
+
+
 def _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_dir, resume, validate) -> TrainSummary:
     tc = cfg.train
     run = _set_up(model, dataset, collator, cfg, precision)
     state = _resume(run, cfg, checkpoint_dir, metrics_path) if resume else TrainState(config=cfg.to_dict())
-    head_lr = f", head lr {cfg.head_lr:.2g}" if cfg.head_lr != cfg.lr else ""
-    log.info(
-        "training: %d steps (%d per epoch, batch %d, lr %.2g%s, warmup %d), precision %s, %s",
-        run.total,
-        run.steps_per_epoch,
-        tc.batch_size,
-        cfg.lr,
-        head_lr,
-        run.warmup,
-        precision,
-        run.accelerator.device,
-    )
+    _log_plan(run, cfg, precision)
     loop = _Loop(run, cfg, state, metrics_path, checkpoint_dir, validate)
     run.model.train()
     bar = tqdm(total=run.total, initial=state.step, desc="train", disable=None if loop.main else True)
@@ -385,44 +408,14 @@ def _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_di
                     loop.log(bar)
                 if validate is not None and (last or (state.step % tc.eval_every == 0 if tc.eval_every else epoch_end)):
                     loop.validate()
-                if (
-                    (tc.save_every and state.step % tc.save_every == 0)
-                    or epoch_end
-                    or last
-                    or state.early_stopped
-                    or interrupt.requested
-                ):
+                saving_due = tc.save_every and state.step % tc.save_every == 0
+                if saving_due or epoch_end or last or state.early_stopped or interrupt.requested:
                     loop.checkpoint()
                 if interrupt.requested:
                     raise KeyboardInterrupt
                 if last or state.early_stopped:
                     break
-    loop.count_tokens()
-    elapsed = loop.elapsed()
-    if (
-        validate is not None
-        and tc.load_best
-        and checkpoint_dir is not None
-        and (checkpoint_dir / "best").exists()
-        and state.best_step != state.step
-    ):
-        checkpoint.load_weights(checkpoint_dir / "best", run.plain)
-        log.info("loaded the best checkpoint (step %d, %s %.4f)", state.best_step, tc.metric_for_best, state.best)
-    run.accelerator.free_memory()
-    return TrainSummary(
-        engine="native",
-        steps=state.step,
-        epochs=state.step / run.steps_per_epoch,
-        train_seconds=elapsed,
-        train_samples_per_s=state.samples / elapsed,
-        train_tokens_per_s=state.tokens / elapsed,
-        final_loss=state.losses[-1]["loss"] if state.losses else float("nan"),
-        precision=precision,
-        loss_history=state.losses,
-        validation=state.validation,
-        best_step=state.best_step,
-        early_stopped=state.early_stopped,
-    )
+    return _summary(loop, precision)
 
 
 @torch.inference_mode()

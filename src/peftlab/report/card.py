@@ -94,25 +94,29 @@ def _card_front_matter(report: dict, spec) -> dict:
     }
 
 
+# The card's "How to use" with peftlab: the same for every method.
+_PEFTLAB_USAGE = [
+    "## How to use",
+    "",
+    "With peftlab:",
+    "",
+    "```python",
+    "from peftlab import Predictor",
+    "",
+    'predict = Predictor("path/to/adapter")  # this folder',
+    'predict(["some text"])',
+    "```",
+    "",
+    "```bash",
+    'peftlab predict path/to/adapter "some text"',
+    "```",
+    "",
+]
+
+
 def _card_usage(spec, base: str, num_labels: int) -> list[str]:
     """The card's "How to use" section: with peftlab, then as the artifact allows without it."""
-    out = [
-        "## How to use",
-        "",
-        "With peftlab:",
-        "",
-        "```python",
-        "from peftlab import Predictor",
-        "",
-        'predict = Predictor("path/to/adapter")  # this folder',
-        'predict(["some text"])',
-        "```",
-        "",
-        "```bash",
-        'peftlab predict path/to/adapter "some text"',
-        "```",
-        "",
-    ]
+    out = list(_PEFTLAB_USAGE)
     if spec.artifact == "head":
         return [
             *out,
