@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
-from peftlab.files import dir_size, replace_dir, sha256_file, write_json_atomic
+from peftlab.files import dir_size, load_safetensors, replace_dir, sha256_file, write_json_atomic
 from peftlab.methods.registry import METHODS, MethodSpec
 
 log = logging.getLogger("peftlab")
@@ -280,16 +280,7 @@ def _load_peft(model, adapter_dir: Path, spec: MethodSpec, base: str, trained_on
 
 def _load_head(model, adapter_dir: Path, base: str) -> None:
     """Put the weights in `adapter_dir`'s head.safetensors (head, biases) into `model`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(adapter_dir / HEAD_FILE)
-    except (SafetensorError, OSError) as exc:
-        raise PeftlabError(
-            f"adapter weights {adapter_dir / HEAD_FILE} are unreadable ({str(exc)[:100]}): "
-            f"the file is truncated or corrupted; retrain or restore it"
-        ) from None
+    state = load_safetensors(adapter_dir / HEAD_FILE, "retrain or restore the adapter")
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise PeftlabError(f"head weights in {adapter_dir} do not fit {base!r}")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from peftlab.errors import PeftlabError
-from peftlab.files import replace_dir, write_json_atomic
+from peftlab.files import load_safetensors, replace_dir, write_json_atomic
 
 log = logging.getLogger("peftlab")
 
@@ -106,16 +106,7 @@ def save(path: Path, model, state: dict, optimizer=None, scheduler=None, rng_sta
 def load_weights(path: Path, model) -> None:
     """Copy a checkpoint's weights into `model`. Raises PeftlabError for a broken file or
     weights that do not fit the model."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(path / WEIGHTS)
-    except (OSError, SafetensorError) as exc:
-        raise PeftlabError(
-            f"checkpoint {path / WEIGHTS} is unreadable ({str(exc)[:80]}): the file is "
-            f"truncated or corrupted; start the run again with --overwrite"
-        ) from None
+    weights = load_safetensors(path / WEIGHTS, "start the run again with --overwrite")
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:

@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from peftlab.errors import PeftlabError
+
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -55,3 +57,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def load_safetensors(path: Path, fix: str) -> dict:
+    """The tensors in the safetensors file `path`. A truncated or corrupted file raises
+    PeftlabError naming it, with `fix` as what to do (safetensors' own error is a traceback)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise PeftlabError(
+            f"{path} is unreadable ({str(exc)[:100]}): the file is truncated or corrupted; {fix}"
+        ) from None
