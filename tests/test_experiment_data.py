@@ -1,30 +1,16 @@
 """Data features end to end: the experiment tokenizes pairs, truncates, and reports leakage."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import SHARED_DATA, make_texts
+from test_cli import peftlab
 
 from peftlab.config import load_config
 from peftlab.data import load_data
 from peftlab.experiment import run_experiment
-
-
-def peftlab_cli(*args, stdin=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "peftlab.cli", *map(str, args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        input=stdin,
-        timeout=600,
-    )
 
 
 def _cfg(tiny_encoder, tmp_path, *extra):
@@ -102,12 +88,12 @@ def test_pair_predictions_use_segment_ids(pretrained_encoder, tmp_path):
 
     # The CLI: 'first<TAB>second' lines with --pairs; single texts are refused for this adapter.
     lines = "".join(f"{a}\t{b}\n" for a, b in zip(firsts, seconds))
-    out = peftlab_cli("predict", adapter, "--pairs", "--json", stdin=lines)
+    out = peftlab("predict", adapter, "--pairs", "--json", cwd=tmp_path, stdin=lines)
     assert out.returncode == 0, out.stderr
     cli = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["pair"] for r in cli] == seconds
     np.testing.assert_allclose([[r["probabilities"][n] for n in meta["label_names"]] for r in cli], got, atol=1e-5)
-    out = peftlab_cli("predict", adapter, firsts[0])
+    out = peftlab("predict", adapter, firsts[0], cwd=tmp_path)
     assert out.returncode == 2 and "trained on sentence pairs (second text 'hypothesis')" in out.stderr
 
 
