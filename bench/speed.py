@@ -9,12 +9,17 @@ model, LoRA config (r=8, alpha=16, dropout 0.1, targets query/value: peft's BERT
 batch size, epochs, learning rate and seed:
   a  stock:   Trainer + peft LoRA + DataCollatorWithPadding (random batches), fp32
   b  grouped: the same with train_sampling_strategy="group_by_length"
-  c  peftlab: peftlab's native loop (batching=auto, precision=auto): length-grouped
-     batches, or length-grouped within each class where length predicts the label
-  f  peftlab_length: c with batching=length (plain length grouping, least padding)
+  c  peftlab: peftlab's native loop at its defaults (packing=auto, batching=auto,
+     precision=auto): packed batches (no padding) that keep the class mix (stratified)
+  g  peftlab_nopack: c with packing=never (padded batches; the default before packing:
+     length-grouped, or length-grouped within each class where length predicts the label)
+  f  peftlab_length: c with packing=never batching=length (plain length grouping, least
+     padding of the padded variants, but batches of one class where length predicts it)
+  h  peftlab_fp32: c with precision=fp32
   d  peftlab_nodrop: c with the base model's own dropout off (model_dropout=0; LoRA's
      dropout stays), a speed option, not the default
   e  peftlab_compile: c with torch.compile (dynamic shapes; compile time included)
+  i  peftlab_fp32_compile: h with torch.compile
 It also measures this machine's fp32/bf16 matmul rate and prints peftlab's training time
 as a multiple of the arithmetic floor: FLOPs for the real (non-padding) tokens divided by
 the measured fp32 rate. FLOPs per token = 4 x (linear-layer weights) — a forward pass (2)
@@ -218,7 +223,10 @@ def child(args) -> None:
         "facts": lambda: model_facts(args),
         "peftlab_nodrop": lambda: run_peftlab(args, ["model_dropout=0"]),
         "peftlab_compile": lambda: run_peftlab(args, ["compile=true"]),
-        "peftlab_length": lambda: run_peftlab(args, ["batching=length"]),
+        "peftlab_length": lambda: run_peftlab(args, ["batching=length", "packing=never"]),
+        "peftlab_nopack": lambda: run_peftlab(args, ["packing=never"]),
+        "peftlab_fp32": lambda: run_peftlab(args, ["precision=fp32"]),
+        "peftlab_fp32_compile": lambda: run_peftlab(args, ["precision=fp32", "compile=true"]),
     }[args.variant]()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
@@ -281,7 +289,10 @@ def main() -> None:
             "peftlab": "c peftlab",
             "peftlab_nodrop": "d peftlab, model_dropout=0",
             "peftlab_compile": "e peftlab, compile=true",
-            "peftlab_length": "f peftlab, batching=length",
+            "peftlab_length": "f peftlab, packing=never batching=length",
+            "peftlab_nopack": "g peftlab, packing=never",
+            "peftlab_fp32": "h peftlab, precision=fp32",
+            "peftlab_fp32_compile": "i peftlab, precision=fp32 compile=true",
         }[name]
         if name.startswith("peftlab"):
             label += f" ({r['precision']})"
@@ -293,7 +304,7 @@ def main() -> None:
         )
     if "peftlab" in results:
         c = results["peftlab"]
-        for base, letter in (("stock", "a"), ("grouped", "b")):
+        for base, letter in (("stock", "a"), ("grouped", "b"), ("peftlab_length", "f"), ("peftlab_nopack", "g")):
             if base in results:
                 b = results[base]
                 print(
@@ -301,11 +312,13 @@ def main() -> None:
                     f"accuracy {100 * (c['accuracy'] - b['accuracy']):+.2f} points"
                 )
         flops = tokens * (4 * facts["linear_params"] + 2 * 4 * facts["layers"] * facts["mean_len"] * facts["hidden"])
-        floor = flops / rates["fp32"]
-        print(
-            f"\narithmetic floor (fp32): {flops / 1e12:.2f} TFLOP for {tokens:,.0f} real tokens -> {floor:.1f} s; "
-            f"peftlab trained in {c['train_seconds']:.1f} s = {c['train_seconds'] / floor:.2f}x the floor"
-        )
+        print(f"\narithmetic floor: {flops / 1e12:.2f} TFLOP for {tokens:,.0f} real tokens")
+        for name in ("fp32", c["precision"]) if c["precision"] != "fp32" else ("fp32",):
+            floor = flops / rates[name]
+            print(
+                f"  at the {name} matmul rate: {floor:.1f} s; peftlab ({c['precision']}) trained in "
+                f"{c['train_seconds']:.1f} s = {c['train_seconds'] / floor:.2f}x this floor"
+            )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Batching: padding to a multiple of 8, length-grouped and stratified batches."""
+"""Batching: padding to a multiple of 8, length-grouped and stratified batches, packed batches."""
 
 import numpy as np
 import pytest
+import torch
 
 from peftlab.data import LengthGroupedBatchSampler, PadCollator, label_skew
 
@@ -85,3 +86,52 @@ def test_collator_pads_segment_ids_with_zeros(side):
     row = batch["token_type_ids"][0].tolist()
     assert row == ([0, 1, 1] + [0] * 13 if side == "right" else [0] * 13 + [0, 1, 1])
     assert batch["token_type_ids"][1].sum() == 5
+
+
+def _examples(lengths, pairs=False):
+    return [
+        {"input_ids": [100 + i] * n, "labels": i % 3, **({"token_type_ids": [i % 2] * n} if pairs else {})}
+        for i, n in enumerate(lengths)
+    ]
+
+
+@pytest.mark.parametrize("pool", ["first", "last"])
+def test_packed_batches_hold_every_text_once_with_its_own_positions(pool):
+    from peftlab.data import PackCollator
+
+    lengths = [30, 3, 17, 9, 9, 1, 25, 6, 2, 14, 8, 5]
+    batch = PackCollator(pad_token_id=0, pool=pool)(_examples(lengths, pairs=True))
+    ids, pos, seq, types = (batch[k] for k in ("input_ids", "position_ids", "sequence_ids", "token_type_ids"))
+    width = ids.shape[1]
+    assert width == 32, "as wide as the longest text, rounded up to a multiple of 8"
+    assert ids.shape[0] < len(lengths) and ids.shape[0] * width >= sum(lengths)
+    assert ids.shape[0] == -(-sum(lengths) // width), "first-fit fills the rows here: no row more than needed"
+    assert int((seq > 0).sum()) == sum(lengths) and int((ids[seq == 0] != 0).sum()) == 0, "padding is pad ids"
+    flat_ids = ids.reshape(-1)
+    for i, n in enumerate(lengths):
+        where = (ids == 100 + i).nonzero()
+        rows = where[:, 0].unique()
+        assert len(where) == n and len(rows) == 1, f"text {i} is whole, in one row"
+        cols = where[:, 1]
+        assert (cols == torch.arange(cols[0], cols[0] + n)).all(), "contiguous"
+        row = int(rows[0])
+        assert pos[row, cols].tolist() == list(range(n)), "positions restart at 0 for each text"
+        assert len(seq[row, cols].unique()) == 1 and int(seq[row, cols[0]]) > 0
+        assert (types[row, cols] == i % 2).all()
+        expected = row * width + int(cols[0] if pool == "first" else cols[-1])
+        assert int(batch["pool_index"][i]) == expected and int(flat_ids[expected]) == 100 + i
+    assert batch["labels"].tolist() == [i % 3 for i in range(len(lengths))], "labels in the order given"
+
+
+def test_packed_rows_never_mix_sequence_numbers():
+    from peftlab.data import PackCollator
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 120, 64).tolist()
+    batch = PackCollator(pad_token_id=0)(_examples(lengths))
+    seq = batch["sequence_ids"]
+    # Each (row, sequence number) pair is exactly one text.
+    pairs = {(r, int(s)) for r in range(seq.shape[0]) for s in seq[r].unique() if s > 0}
+    assert len(pairs) == len(lengths)
+    padded_cells = len(lengths) * (-(-max(lengths) // 8) * 8)
+    assert seq.numel() < 0.7 * padded_cells, "packing spends far fewer cells than padding"

@@ -82,3 +82,55 @@ def test_gguf_base_loads_as_an_ordinary_trainable_model():
     assert "quantization_config" not in model.config.to_dict()
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # plain tensors
     validate_quantization_for_training(model)  # what Trainer checks: raises for a quantized base
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_a_text_gets_the_same_logits_alone_and_packed_with_others(kind, pretrained_encoder, pretrained_decoder):
+    """Packing is exact: attention stays inside each text, positions restart, and each text
+    is pooled on its own token (first for encoders, last for decoders), in evaluation and
+    in training (loss and gradients), through a peft model as the engine calls it."""
+    from conftest import make_texts
+
+    from peftlab.config import MethodConfig
+    from peftlab.data import PackCollator
+    from peftlab.methods import apply_method
+    from peftlab.models import PackedForward, set_model_dropout
+
+    path = pretrained_encoder if kind == "encoder" else pretrained_decoder
+    torch.manual_seed(0)
+    model, tok, _ = load_model(ModelConfig(name=path), 2)
+    set_model_dropout(model, 0.0)  # training mode without randomness, so both paths can be compared
+    model = apply_method(model, MethodConfig(dropout=0.0))
+    for name, p in model.named_parameters():  # LoRA's B starts at zero: give it a real update
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    texts, labels = make_texts(10, seed=4)
+    examples = [{"input_ids": tok(t)["input_ids"], "labels": int(y == "positive")} for t, y in zip(texts, labels)]
+    packing = PackedForward(model)
+    packer = PackCollator(tok.pad_token_id, pool="last" if kind == "decoder" else "first")
+    packed = packer(examples)
+    assert packed["input_ids"].shape[0] < len(examples), "several texts share a row"
+
+    model.eval()
+    with torch.no_grad():
+        alone = torch.cat([model(**PadCollator(tok.pad_token_id)([e])).logits for e in examples])
+        together = model(**packed).logits
+        padded = model(**PadCollator(tok.pad_token_id, tok.padding_side)(examples)).logits
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
+    assert alone.std(0).max() > 1e-3, "the texts' logits differ, so a mixed-up pooling would show"
+
+    model.train()
+    grads = []
+    for batch in (PadCollator(tok.pad_token_id, tok.padding_side)(examples), packed):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-5, rtol=0)
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    packing.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**PadCollator(tok.pad_token_id)([examples[0]])).logits, alone[:1])

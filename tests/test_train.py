@@ -10,9 +10,10 @@ from peftlab.engines.native import evaluate, training_sampler
 from peftlab.engines.native import train as train_native
 from peftlab.engines.trainer import predict_logits as predict_logits_trainer
 from peftlab.engines.trainer import train as train_with_trainer
+from peftlab.errors import PeftlabError
 from peftlab.methods import apply_method, count_parameters
 from peftlab.metrics import compute_metrics, read_metrics_log
-from peftlab.models import load_model
+from peftlab.models import load_model, set_model_dropout
 
 
 def _setup(cfg):
@@ -176,3 +177,68 @@ def test_trainer_engine_keeps_a_cpu_model_on_the_cpu_where_cuda_is_present(tiny_
     summary = train_with_trainer(model, train, collate, cfg, "fp32", tmp_path / "trainer")
     assert summary.steps == 3
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def _packing_cfg(tiny_cfg, *overrides):
+    return load_config(
+        None,
+        [
+            f"model={tiny_cfg.model.name}",
+            f"dataset={tiny_cfg.data.dataset}",
+            "precision=fp32",
+            "batching=stratified",
+            *overrides,
+        ],
+    )
+
+
+def test_packed_training_matches_padded_training_step_for_step(pretrained_encoder, tiny_cfg, caplog):
+    """Without dropout, packed and padded batches train to the same weights: packing changes
+    where texts sit in a batch, never what the model computes."""
+    logits = {}
+    for packing in ("always", "never"):
+        cfg = _packing_cfg(tiny_cfg, f"model={pretrained_encoder}", f"packing={packing}", "dropout=0", "max_steps=6")
+        bundle, model, collate, train, test = _setup(cfg)
+        set_model_dropout(model, 0.0)
+        model = apply_method(model, cfg.method)
+        with caplog.at_level(logging.INFO, logger="peftlab"):
+            train_native(model, train, collate, cfg, "fp32")
+        logits[packing] = evaluate(model, test, collate, bundle.label_names, 32)[1]
+        assert model._forward_pre_hooks == {}, "the packing hooks come off after training"
+    assert "packing: on" in caplog.text
+    np.testing.assert_allclose(logits["always"], logits["never"], atol=1e-4)
+    assert np.abs(logits["never"]).max() > 0.05, "the head moved: the comparison means something"
+
+
+def test_a_packed_epoch_shows_every_example_exactly_once(tiny_cfg):
+    from peftlab.engines.native import _set_up
+
+    cfg = _packing_cfg(tiny_cfg, "packing=always", "batch_size=16")
+    bundle, model, collate, train, test = _setup(cfg)
+    model = apply_method(model, cfg.method)
+    run = _set_up(model, train, collate, cfg, "fp32")
+    seen, rows = [], 0
+    for batch in run.loader:
+        rows += batch["input_ids"].shape[0]
+        ids, seq = batch["input_ids"], batch["sequence_ids"]
+        assert len(batch["labels"]) in (16, len(train) % 16) and ids.shape[0] <= len(batch["labels"])
+        for row in range(ids.shape[0]):
+            seen += [tuple(ids[row][seq[row] == s].tolist()) for s in seq[row].unique().tolist() if s > 0]
+    run.packing.remove()
+    assert rows <= len(train)
+    assert sorted(seen) == sorted(tuple(train[i]["input_ids"]) for i in range(len(train)))
+
+
+@pytest.mark.parametrize("packing", ["auto", "always"])
+def test_methods_that_cannot_pack_train_padded_or_say_why(tiny_cfg, packing, caplog):
+    cfg = _packing_cfg(tiny_cfg, "method=prompt_tuning", f"packing={packing}", "max_steps=2")
+    bundle, model, collate, train, test = _setup(cfg)
+    model = apply_method(model, cfg.method)
+    if packing == "always":
+        with pytest.raises(PeftlabError, match="packing=always, but prompt-learning methods .*packing=never"):
+            train_native(model, train, collate, cfg, "fp32")
+        return
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        summary = train_native(model, train, collate, cfg, "fp32")
+    assert "packing: off (prompt-learning methods prepend virtual tokens" in caplog.text
+    assert summary.steps == 2

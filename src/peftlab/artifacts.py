@@ -199,12 +199,7 @@ def load_adapter(
 
     meta = read_meta(adapter_dir)
     adapter_dir = Path(meta["_dir"])
-    pickles = sorted(p.name for p in adapter_dir.glob("*.bin"))
-    if pickles and not allow_pickle:
-        raise PeftlabError(
-            f"adapter {adapter_dir} holds pickle weights ({pickles[0]}), which can run code when "
-            f"loaded: pass --allow-pickle only if you trust the file"
-        )
+    _refuse_pickles(adapter_dir, allow_pickle)
     spec = _method_spec(meta)
     labels = meta["label_names"]
     base = model_name or meta["base_model"]
@@ -240,6 +235,88 @@ def load_adapter(
     return model, tokenizer, meta
 
 
+def attach_adapter(model, adapter_dir: Path, *, name: str | None = None, allow_pickle: bool = False):
+    """Apply the peft adapter in `adapter_dir` to `model` in place of loading a fresh base,
+    after the checks load_adapter makes (checksums, no pickle unless allowed, known method,
+    base fingerprint); the base weights stay where they are.
+
+    `model` is a base model from `models.load_model` (the result is a PeftModel holding the
+    adapter as 'default'), or a PeftModel from an earlier call, to which the adapter is added
+    as the named adapter `name` (then `set_adapter(name)` selects it). Each adapter gets its
+    own classification head, shaped for its own labels. Returns (model in eval mode, meta).
+    Raises PeftlabError as load_adapter does, and for adapters that are not peft adapters.
+    """
+    from peftlab.models import base_fingerprint
+
+    meta = read_meta(adapter_dir)
+    adapter_dir = Path(meta["_dir"])
+    _refuse_pickles(adapter_dir, allow_pickle)
+    spec = _method_spec(meta)
+    if spec.artifact != "peft" or (name is not None and spec.family == "prompt"):
+        raise PeftlabError(
+            f"{spec.name} adapters cannot be added to a shared base model as named adapters: "
+            f"load {adapter_dir} on its own model (load_adapter)"
+        )
+    _check_base(meta, meta["base_model"], base_fingerprint(model))
+    _check_adapter_config(adapter_dir)
+    _fit_heads(model, adapter_dir, name)
+    model = _load_peft(model, adapter_dir, spec, meta["base_model"], meta["base_model"], name)
+    model.eval()
+    return model, meta
+
+
+def _fit_heads(model, adapter_dir: Path, name: str | None) -> None:
+    """Shape the head modules the adapter saves (its modules_to_save) for its own labels:
+    heads of adapters sharing one base differ in their number of labels. For a named
+    adapter the head is a fresh copy that peft then fills (it keeps one per adapter)."""
+    import copy
+
+    import torch
+    from safetensors import safe_open
+
+    heads = json.loads((adapter_dir / "adapter_config.json").read_text()).get("modules_to_save") or []
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not heads or not weights.is_file():
+        return
+    with safe_open(str(weights), "pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (not iterable)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    present = {n for n, _ in hf.named_modules()}
+    # peft lists every head name a task type may have (classifier, score), present or not.
+    for head in dict.fromkeys(h for h in heads if h in present):
+        module = hf.get_submodule(head)
+        if name is not None and not hasattr(module, "modules_to_save"):
+            raise PeftlabError(
+                f"adapter {adapter_dir} saves head {head!r}, which the shared model does not keep per "
+                f"adapter: load it on its own model (load_adapter)"
+            )
+        target = copy.deepcopy(module.original_module) if name is not None else module
+        # Saved as base_model.model.<head>.* (tuners) or base_model.<head>.* (prompt methods).
+        prefixes = (f"base_model.model.{head}.", f"base_model.{head}.")
+        for key, shape in shapes.items():
+            prefix = next((p for p in prefixes if key.startswith(p)), None)
+            if prefix is None:
+                continue
+            owner_name, _, param_name = key[len(prefix) :].rpartition(".")
+            owner = target.get_submodule(owner_name)
+            param = getattr(owner, param_name)
+            if tuple(param.shape) != shape:
+                setattr(owner, param_name, torch.nn.Parameter(param.new_empty(shape), requires_grad=False))
+                if isinstance(owner, torch.nn.Linear) and param_name == "weight":
+                    owner.out_features, owner.in_features = shape
+        if name is not None:
+            module.modules_to_save[name] = target
+
+
+def _refuse_pickles(adapter_dir: Path, allow_pickle: bool) -> None:
+    pickles = sorted(p.name for p in adapter_dir.glob("*.bin"))
+    if pickles and not allow_pickle:
+        raise PeftlabError(
+            f"adapter {adapter_dir} holds pickle weights ({pickles[0]}), which can run code when "
+            f"loaded: pass --allow-pickle only if you trust the file"
+        )
+
+
 def _method_spec(meta: dict) -> MethodSpec:
     """The registry entry of the method recorded in `meta` (read_meta's), or a PeftlabError."""
     method = meta["method"].get("name") if isinstance(meta["method"], dict) else None
@@ -251,18 +328,22 @@ def _method_spec(meta: dict) -> MethodSpec:
     return METHODS[method]
 
 
-def _load_peft(model, adapter_dir: Path, spec: MethodSpec, base: str, trained_on: str):
-    """`model` with the peft adapter in `adapter_dir` applied (and prompt pooling fixed)."""
+def _load_peft(model, adapter_dir: Path, spec: MethodSpec, base: str, trained_on: str, name: str | None = None):
+    """`model` with the peft adapter in `adapter_dir` applied (and prompt pooling fixed), or,
+    with `name`, added to the PeftModel `model` as that named adapter."""
     from peft import PeftModel
     from safetensors import SafetensorError
 
     from peftlab.methods.prompt import accept_past_key_values, fix_prompt_pooling
 
     _check_adapter_config(adapter_dir)
-    if spec.past_key_values:
+    if spec.past_key_values and name is None:
         accept_past_key_values(model)
     try:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        if name is None:
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        else:
+            model.load_adapter(str(adapter_dir), adapter_name=name)
     except (SafetensorError, OSError) as exc:
         raise PeftlabError(
             f"adapter weights in {adapter_dir} are unreadable ({str(exc)[:100]}): the file is "
@@ -274,7 +355,8 @@ def _load_peft(model, adapter_dir: Path, spec: MethodSpec, base: str, trained_on
             f"adapter {adapter_dir} does not fit base model {base!r} ({first}): load it on "
             f"the base model it was trained on ({trained_on})"
         ) from None
-    fix_prompt_pooling(model)
+    if name is None:
+        fix_prompt_pooling(model)
     return model
 
 

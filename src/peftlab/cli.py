@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Sentence pairs, for an adapter trained with text_pair_column: each text is 'first<TAB>second'.",
     )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="Compute precision (default auto: bf16 where the CPU or GPU runs it natively, as runs evaluate).",
+    )
     p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
     common(p)
 
@@ -213,6 +219,39 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
 
     p = sub.add_parser(
+        "tune",
+        help="Search run settings with Optuna (the config's `tune:` key); report the best trial.",
+        description="Search run settings (method, rank, learning rate, epochs, ...: the config's `tune:` "
+        "key, or a default space) with Optuna's TPE sampler, pruning trials whose validation score "
+        "falls behind. Trials are runs in <output_dir>/<tune>/trial-NNNN, selected on the validation "
+        "split; the best is evaluated once on the test split. The study is kept in "
+        "<output_dir>/<tune>/study.db: the same command resumes it, and several workers can share it.",
+        epilog="examples:\n  peftlab tune --config configs/tune/minilm-sst2.yaml --time-budget 45m\n"
+        "  peftlab tune dataset=sms_spam max_train_samples=1000 --trials 10 --name spam\n"
+        "  peftlab tune --config base.yaml tune.space.method.name=[lora,ia3] tune.space.lr=[1e-3,3e-3]\n"
+        "  peftlab tune --config base.yaml --storage postgresql://user:pw@host/db   # on every machine\n\n"
+        "The tune is named by --name, else name=..., else the config file's name; its report is\n"
+        "<output_dir>/<tune>/report.html and leaderboard.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config; its `tune:` key holds the search.")
+    p.add_argument("--trials", type=int, metavar="N", help="Stop once the study holds N complete or pruned trials.")
+    p.add_argument("--time-budget", metavar="DURATION", help="This worker's time budget, e.g. 30m, 2h, 1h30m.")
+    p.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Database shared by the workers (e.g. postgresql://...); default: sqlite in the tune folder.",
+    )
+    p.add_argument("--name", help="The tune's (and study's) name; default: name=..., else the config file's name.")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="Overrides of the base config, and tune.KEY=value (tune.space.KEY=[...] for one axis).",
+    )
+    common(p)
+
+    p = sub.add_parser(
         "compare",
         help="Leaderboard of finished runs, from their report.json files.",
         description="Print a leaderboard of finished runs (sorted by macro-F1) and write it as Markdown and HTML.",
@@ -226,6 +265,45 @@ def build_parser() -> argparse.ArgumentParser:
         default="leaderboard",
         help="Write PREFIX.md and PREFIX.html (default: leaderboard.md/.html here).",
     )
+    common(p)
+
+    p = sub.add_parser(
+        "serve",
+        help="Serve trained adapters over HTTP, sharing base models, with dynamic batching.",
+        description='Serve trained adapters over HTTP (FastAPI + uvicorn; pip install "peftlab[serve]").\n'
+        "Adapters on the same base model share its weights; concurrent requests are batched.\n"
+        "Endpoints: POST /predict (TEI's), POST /v1/classify, GET /v1/adapters, GET /health,\n"
+        "GET /metrics, /docs; POST and DELETE /v1/adapters when PEFTLAB_ADMIN_TOKEN is set.",
+        epilog="examples:\n  peftlab serve runs/minilm-sms_spam-lora\n"
+        "  peftlab serve --name spam=runs/spam --name topic=runs/topic --port 9000\n"
+        "  PEFTLAB_ADMIN_TOKEN=$(openssl rand -hex 16) peftlab serve runs/spam   # hot reload on\n\n"
+        "The first adapter is the default one (it answers /predict); a run folder is named after\n"
+        "itself. SIGTERM or Ctrl-C lets requests in flight finish before the server exits.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("adapters", nargs="*", metavar="RUN_OR_ADAPTER", help="Run or adapter folders to serve.")
+    p.add_argument("--name", action="append", default=[], metavar="NAME=RUN", help="Serve RUN under NAME (repeatable).")
+    p.add_argument("--host", default="127.0.0.1", help="Address to bind (default: 127.0.0.1, this machine only).")
+    p.add_argument("--port", type=int, default=8080, help="Port (default: 8080).")
+    p.add_argument("--max-batch-tokens", type=int, help="Padded tokens per forward pass (default: 8192).")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        help="How long a batch may wait for more requests (default: 0, batch what queued meanwhile).",
+    )
+    p.add_argument("--no-batching", action="store_true", help="One text per forward pass (for comparison).")
+    p.add_argument("--max-texts", type=int, help="Texts per request (default: 128).")
+    p.add_argument("--max-chars", type=int, help="Characters per text (default: 20000).")
+    p.add_argument("--max-body-bytes", type=int, help="Request body size (default: 1048576).")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="Compute precision (default auto: bf16 where the CPU or GPU runs it natively, as predict).",
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="Device (default: auto).")
+    p.add_argument("--threads", type=int, help="CPU threads per forward pass (default: torch's, one per core).")
+    p.add_argument("--access-log", action="store_true", help="Log every request (uvicorn's access log).")
+    p.add_argument("--allow-pickle", action="store_true", help="Allow pickle weight files (only if trusted).")
     common(p)
     return parser
 
@@ -367,7 +445,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     chunk = list(itertools.islice(lines, 512))
     if not chunk:
         raise PeftlabError("no texts to classify: the input was empty")
-    predictor = Predictor(args.adapter, args.model, allow_pickle=args.allow_pickle)
+    predictor = Predictor(args.adapter, args.model, precision=args.precision, allow_pickle=args.allow_pickle)
     # Results stream out in input order, a chunk at a time, with progress on stderr: a file of
     # 100k lines shows its first answers at once, not after the last one.
     done = 0
@@ -436,6 +514,50 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from peftlab.report.tune import tune_text
+    from peftlab.tune import load_tune, run_tune
+
+    budget = [f"tune.trials={args.trials}"] if args.trials is not None else []
+    budget += [f"tune.time_budget={args.time_budget}"] if args.time_budget is not None else []
+    base, tune = load_tune(args.config, [*args.overrides, *budget])
+    name = args.name or base.name or (Path(args.config).stem if args.config else "tune")
+    summary = run_tune(base, tune, name, storage=args.storage)
+    print(tune_text(summary))
+    print(f"\nwrote {Path(summary.tune_dir) / 'report.html'} and leaderboard.md")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    # Before torch loads OpenMP: threads that spin while they wait stall whenever anything else
+    # wants the CPU (the server's HTTP threads, other processes); a server's threads sleep.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from peftlab.serve import ServeSettings, adapter_names, run_server
+
+    adapters = adapter_names(args.adapters, args.name)
+    if not adapters:
+        raise PeftlabError("no adapters to serve: give run or adapter folders, e.g. peftlab serve runs/<name>")
+    options = {
+        "max_batch_tokens": args.max_batch_tokens,
+        "max_wait_ms": args.max_wait_ms,
+        "max_texts": args.max_texts,
+        "max_chars": args.max_chars,
+        "max_body_bytes": args.max_body_bytes,
+        "precision": args.precision,
+        "device": args.device,
+        "threads": args.threads,
+    }
+    settings = ServeSettings(
+        **{k: v for k, v in options.items() if v is not None},
+        batching=not args.no_batching,
+        allow_pickle=args.allow_pickle,
+    )
+    run_server(adapters, settings, host=args.host, port=args.port, access_log=args.access_log)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from peftlab.report import leaderboard_text, load_run_report, write_leaderboard
 
@@ -482,7 +604,9 @@ COMMANDS = {
     "methods": cmd_methods,
     "export": cmd_export,
     "sweep": cmd_sweep,
+    "tune": cmd_tune,
     "compare": cmd_compare,
+    "serve": cmd_serve,
 }
 
 
@@ -493,6 +617,8 @@ def _place_extra(parser: argparse.ArgumentParser, args: argparse.Namespace, extr
     # back here and belong with the others.
     if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
         args.texts += extra
+    elif extra and args.command == "serve" and not any(e.startswith("-") for e in extra):
+        args.adapters += extra
     elif extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra
     elif extra:

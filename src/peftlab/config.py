@@ -217,7 +217,17 @@ class TrainConfig:
         "native",
         "Training/evaluation engine: native (peftlab's own accelerate loop) or trainer (the Hugging Face Trainer).",
     )
-    epochs: float = _f(2, "Number of passes over the training set.")
+    epochs: float | None = _f(
+        None,
+        "Passes over the training set; unset: 2, or more on a small training set, so that at "
+        "least `min_steps` optimizer steps run. A number given here is followed exactly.",
+    )
+    min_steps: int = _f(
+        200,
+        "With epochs unset: train at least this many optimizer steps (more than 2 epochs on a "
+        "small training set: 2 epochs of 500 examples are 63 steps, too few to learn sms_spam; "
+        "bench/README.md); 0: always 2 epochs.",
+    )
     batch_size: int = _f(16, "Training batch size.")
     eval_batch_size: int = _f(64, "Evaluation batch size.")
     lr: float | None = _f(
@@ -237,7 +247,15 @@ class TrainConfig:
         "How training batches are formed (native engine): length (similar lengths per batch: "
         "least padding), stratified (similar lengths within each class: every batch keeps the "
         "class mix), random, or auto: length, unless length-grouped batches would mix the "
-        "classes worse than random batches do (length predicts the label), then stratified.",
+        "classes worse than random batches do (length predicts the label), then stratified; "
+        "with packing on, stratified (packed batches carry no padding, whatever their lengths).",
+    )
+    packing: str = _f(
+        "auto",
+        "Pack each training batch's texts into as few rows as fit, so no compute goes to padding "
+        "(native engine; attention stays inside each text, and each text is pooled on its own "
+        "token): auto (where the model and method allow it and packed logits match padded "
+        "ones on real examples; logged), always (an error where it cannot), or never.",
     )
     weight_decay: float = _f(0.01, "AdamW weight decay.")
     warmup_ratio: float = _f(0.06, "Fraction of steps spent warming the learning rate up.")
@@ -274,13 +292,23 @@ class TrainConfig:
     def problems(self) -> list[str]:
         return self._loop_problems() + self._schedule_problems()
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps this config trains for, at `steps_per_epoch` batches per epoch."""
+        if self.epochs is not None:
+            total = math.ceil(self.epochs * steps_per_epoch)
+        else:  # the default: 2 epochs, or enough epochs for min_steps on a small training set
+            total = max(2 * steps_per_epoch, self.min_steps)
+        return min(total, self.max_steps) if self.max_steps else total
+
     def _loop_problems(self) -> list[str]:
         """Problems with the engine, epochs, batch sizes, learning rates and named choices."""
         out = []
         if self.engine not in ("native", "trainer"):
             out.append(f"train.engine={self.engine!r} must be 'native' or 'trainer'")
-        if self.epochs <= 0:
+        if self.epochs is not None and self.epochs <= 0:
             out.append(f"train.epochs={self.epochs} must be positive")
+        if self.min_steps < 0:
+            out.append(f"train.min_steps={self.min_steps} must be 0 or positive")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             out.append("train.batch_size and train.eval_batch_size must be at least 1")
         if self.lr is not None and self.lr <= 0:
@@ -289,6 +317,8 @@ class TrainConfig:
             out.append(f"train.head_lr={self.head_lr} must be positive (or unset: the method's default)")
         if self.batching not in ("auto", "length", "stratified", "random"):
             out.append(f"train.batching={self.batching!r} is not one of auto, length, stratified, random")
+        if self.packing not in ("auto", "always", "never"):
+            out.append(f"train.packing={self.packing!r} is not one of auto, always, never")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             out.append(f"train.precision={self.precision!r} is not one of auto, fp32, bf16, fp16")
         if self.metric_for_best not in ("macro_f1", "accuracy", "loss"):
@@ -557,3 +587,241 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         config = from_dict(read_yaml(path), source=str(path))
     apply_overrides(config, overrides or [])
     return config.validate()
+
+
+# --- searches (peftlab tune) ------------------------------------------------------------------
+
+# The pseudo-key of a search space that scales the learning rate a trial would otherwise use
+# (train.lr, or its method's default): the defaults differ 30-fold between methods, so one
+# relative range suits every method where one absolute range would not.
+LR_FACTOR = "lr_factor"
+# The search when the config's `tune:` key gives no space: methods that train few weights,
+# their capacity where they have one, and the rate and schedule, which matter most.
+DEFAULT_TUNE_SPACE: dict[str, Any] = {
+    "method.name": ["lora", "ia3", "lokr", "vera"],
+    "method.r": {"choices": [4, 8, 16, 32], "when": {"method.name": ["lora", "lokr"]}},
+    "method.alpha": {"choices": [8, 16, 32, 64], "when": {"method.name": ["lora", "lokr"]}},
+    "method.target_modules": {"choices": [None, "all-linear"], "when": {"method.name": ["lora", "lokr"]}},
+    "method.dropout": {"low": 0.0, "high": 0.2, "when": {"method.name": ["lora", "lokr", "vera"]}},
+    LR_FACTOR: {"low": 0.25, "high": 4.0, "log": True},
+    # null: the default schedule (2 epochs, or train.min_steps on a small training set).
+    "train.epochs": [1, None, 3],
+    "train.batching": ["auto", "random"],
+}
+_SPEC_KEYS = ("choices", "low", "high", "log", "step", "when")
+_NOT_SEARCHABLE = ("name", "output_dir", "overwrite")
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """One axis of a search space: a config key and the values a trial may give it."""
+
+    key: str  # dotted config path (train.lr), or LR_FACTOR
+    choices: tuple | None = None  # a categorical axis; None: the range low..high
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    integer: bool = False  # an int field: sampled as an integer
+    when: tuple[str, tuple] | None = None  # sampled only when this key took one of these values
+
+
+def _param_path(key: str, where: str) -> tuple[str | None, str, list[str]]:
+    """The dotted path and the field's type name for a space key, or a problem."""
+    if key == LR_FACTOR:
+        return LR_FACTOR, "float", []
+    index = field_index()
+    if key not in index or index[key] in _NOT_SEARCHABLE:
+        hint = difflib.get_close_matches(key, [*index, LR_FACTOR], n=1)
+        fix = f"did you mean {hint[0]!r}?" if hint else "use a config key such as train.lr, or lr_factor"
+        return None, "", [f"{where}: {key!r} is not a config key to search: {fix}"]
+    section, _, name = index[key].rpartition(".")
+    cls = SECTIONS[section] if section else RunConfig
+    return index[key], str({f.name: f for f in fields(cls)}[name].type), []
+
+
+def _range_problems(spec: dict, kind: str, where: str) -> list[str]:
+    """What is wrong with a {low, high, log, step} range of a field of type `kind`."""
+    low, high = spec.get("low"), spec.get("high")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if not kind.startswith(("int", "float")):
+        return [f"{where} is a {kind.split(' |')[0]} setting: give a list of values, not a range"]
+    if not numbers or not math.isfinite(low) or not math.isfinite(high) or low >= high:
+        return [f"{where} needs numbers low < high, e.g. {{low: 1e-4, high: 1e-2, log: true}}"]
+    if kind.startswith("int") and not (float(low).is_integer() and float(high).is_integer()):
+        return [f"{where} is an integer setting: give whole numbers for low and high"]
+    if spec.get("log") and low <= 0:
+        return [f"{where} has log: true, so low must be positive"]
+    if spec.get("step") is not None and spec.get("log"):
+        return [f"{where}: give either step or log, not both"]
+    return []
+
+
+def _when(spec: dict, where: str) -> tuple[tuple[str, tuple] | None, list[str]]:
+    when = spec.get("when")
+    if when is None:
+        return None, []
+    if not (isinstance(when, dict) and len(when) == 1 and isinstance(next(iter(when.values())), list)):
+        return None, [f"{where}.when must be one key and its values, e.g. when: {{method.name: [lora, lokr]}}"]
+    key, values = next(iter(when.items()))
+    return (field_index().get(key, key), tuple(values)), []
+
+
+def parse_search_param(key: str, spec: Any) -> tuple[SearchParam | None, list[str]]:
+    """One space entry as a SearchParam: a list of values, {choices: [...]}, or a range
+    {low, high, log, step}; each may add `when: {key: [values]}`. Returns it or its problems."""
+    where = f"tune.space.{key}"
+    path, kind, problems = _param_path(key, where)
+    spec = {"choices": spec} if isinstance(spec, list) else spec
+    if problems or not isinstance(spec, dict):
+        return None, problems or [f"{where} must be a list of values or a mapping such as {{low: 1, high: 3}}"]
+    problems += [f"{where}: unknown setting {k!r} (use {', '.join(_SPEC_KEYS)})" for k in spec if k not in _SPEC_KEYS]
+    when, when_problems = _when(spec, where)
+    problems += when_problems
+    if "choices" in spec:
+        choices = spec["choices"]
+        plain = isinstance(choices, list) and all(v is None or isinstance(v, (bool, int, float, str)) for v in choices)
+        if not plain or not choices or any(k in spec for k in ("low", "high", "log", "step")):
+            problems.append(f"{where} needs a non-empty list of plain values (numbers, words, true/false, null)")
+        return (None if problems else SearchParam(path, choices=tuple(choices), when=when)), problems
+    problems += _range_problems(spec, kind, where)
+    if problems:
+        return None, problems
+    return SearchParam(
+        path,
+        low=spec["low"],
+        high=spec["high"],
+        log=bool(spec.get("log", False)),
+        step=spec.get("step"),
+        integer=kind.startswith("int"),
+        when=when,
+    ), []
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as `45m`, `2h`, `1h30m`, `90s` or `600` (seconds).
+    Raises ValueError when it is not one."""
+    text = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(text)
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+@dataclass
+class TuneConfig:
+    """A search over run settings (`peftlab tune`): the config's `tune:` key."""
+
+    space: dict = _f(
+        {},
+        "Search space: config key -> a list of values, or a range {low, high, log, step}, either "
+        "optionally with when: {method.name: [...]} (sampled only for those values); lr_factor "
+        "scales the learning rate the trial would otherwise use. Empty: DEFAULT_TUNE_SPACE.",
+    )
+    trials: int | None = _f(
+        None, "Stop once the study holds this many complete or pruned trials (20 when no time budget is given)."
+    )
+    time_budget: str | None = _f(
+        None,
+        "This worker's wall-clock budget, e.g. 45m, 2h, 1h30m, 600 (seconds); no trial starts that would overrun it.",
+    )
+    pruner: str = _f(
+        "median",
+        "median: stop a trial whose validation score is below the median of earlier trials' at the "
+        "same validation round; none: never stop a trial early.",
+    )
+    startup_trials: int = _f(5, "Trials sampled at random before TPE models the space.")
+    prune_after_trials: int = _f(
+        2,
+        "Complete trials the pruner needs before it stops others (it compares a trial with their "
+        "scores at the same round); few, because on a small budget every trial counts.",
+    )
+    prune_after_rounds: int = _f(1, "Validation rounds every trial gets before it may be pruned.")
+    evals_per_epoch: int = _f(4, "Validation rounds per epoch (the pruner's checkpoints) when train.eval_every is 0.")
+    include_base: bool = _f(True, "Make the first trial the base config's own settings, where they lie in the space.")
+    seed: int | None = _f(None, "Seed of the TPE sampler: for one worker (workers sharing a seed would sample alike).")
+    heartbeat_seconds: int = _f(
+        60,
+        "How often a worker records that its trial is alive; a trial silent for twice as long (its "
+        "worker was killed) is marked failed and its settings are tried again once.",
+    )
+
+    def search_params(self) -> list[SearchParam]:
+        """The space as SearchParams (DEFAULT_TUNE_SPACE when empty). Raises PeftlabError."""
+        params, problems = self._space()
+        if problems:
+            raise PeftlabError("invalid tune config: " + "; ".join(problems))
+        return params
+
+    def _space(self) -> tuple[list[SearchParam], list[str]]:
+        if not isinstance(self.space, dict):
+            return [], ["tune.space must be a mapping of config key -> values or range"]
+        params, problems = [], []
+        for key, spec in (self.space or DEFAULT_TUNE_SPACE).items():
+            param, found = parse_search_param(str(key), spec)
+            problems += found
+            if param is not None:
+                params.append(param)
+        keys = [p.key for p in params]
+        for i, p in enumerate(params):
+            if keys.count(p.key) > 1 and keys.index(p.key) == i:
+                problems.append(f"tune.space names {p.key} twice (e.g. as lr and train.lr): keep one")
+            if p.when is not None and p.when[0] not in {q.key for q in params[:i] if q.choices is not None}:
+                problems.append(
+                    f"tune.space.{p.key}.when names {p.when[0]}, which must come earlier in the space as a list of values"
+                )
+        return params, problems
+
+    def problems(self) -> list[str]:
+        out = self._space()[1]
+        if self.trials is not None and self.trials < 1:
+            out.append(f"tune.trials={self.trials} must be at least 1")
+        if self.time_budget is not None:
+            try:
+                if parse_duration(self.time_budget) <= 0:
+                    raise ValueError
+            except ValueError:
+                out.append(f"tune.time_budget={self.time_budget!r} is not a duration: write e.g. 45m, 2h or 1h30m")
+        if self.pruner not in ("median", "none"):
+            out.append(f"tune.pruner={self.pruner!r} is not one of median, none")
+        for name in ("startup_trials", "prune_after_trials", "prune_after_rounds"):
+            if getattr(self, name) < 0:
+                out.append(f"tune.{name}={getattr(self, name)} must be 0 or more")
+        for name in ("evals_per_epoch", "heartbeat_seconds"):
+            if getattr(self, name) < 1:
+                out.append(f"tune.{name}={getattr(self, name)} must be at least 1")
+        return out
+
+    def validate(self) -> TuneConfig:
+        """Collect every problem, then raise once."""
+        problems = self.problems()
+        if problems:
+            raise PeftlabError("invalid tune config: " + "; ".join(problems))
+        return self
+
+
+def set_tune_value(config: TuneConfig, key: str, value: Any) -> None:
+    """Set `tune.KEY` (`tune.space.X` adds or replaces one axis of the space)."""
+    if key.startswith("space."):
+        config.space = {**(config.space or {}), key.removeprefix("space."): value}
+        return
+    known = {f.name: f for f in fields(TuneConfig)}
+    if key not in known:
+        hint = difflib.get_close_matches(key, list(known), n=1)
+        fix = f"did you mean 'tune.{hint[0]}'?" if hint else f"the keys are {', '.join(known)}"
+        raise PeftlabError(f"unknown tune key 'tune.{key}': {fix}")
+    if key == "time_budget" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # seconds, as a bare number
+    setattr(config, key, _coerce(value, known[key], f"tune.{key}"))
+
+
+def tune_from_dict(data: Any, source: str = "config") -> TuneConfig:
+    """A TuneConfig from the `tune:` mapping of a YAML file (not yet validated)."""
+    if not isinstance(data, dict):
+        raise PeftlabError(f"the tune: key in {source} must be a mapping (e.g. tune: {{trials: 20}})")
+    config = TuneConfig()
+    for key, value in data.items():
+        set_tune_value(config, str(key), value)
+    return config

@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,13 +100,16 @@ def run_experiment(
     reload: bool = True,
     bundle: DataBundle | None = None,
     resume: bool = False,
+    on_validation: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Run steps 1-8 (or, with baseline/reload off, just train + evaluate) and write the run dir.
 
     Returns the report dict (also saved as report.json). `bundle` lets API callers pass
     data already loaded (e.g. from a DataFrame). `resume` continues the named run from its
-    last checkpoint. Raises PeftlabError on bad input; a run that fails leaves
-    `FAILED.txt` in its directory saying why.
+    last checkpoint. `on_validation(round, metrics)` sees each validation round's metrics
+    (rounds count from 1); an exception it raises stops the run (a search's pruner does).
+    Raises PeftlabError on bad input; a run that fails leaves `FAILED.txt` in its directory
+    saying why.
     """
     cfg.validate()
     if resume and cfg.train.engine != "native":
@@ -123,7 +127,7 @@ def run_experiment(
     # A validated config is never changed: the run's name is its folder's (default names are numbered).
     run_dir = Path(_main_decides(prepare)[0])
     try:
-        report = _run(cfg, run_dir, baseline, reload, bundle, resume, main)
+        report = _run(cfg, run_dir, _Steps(baseline, reload, resume, on_validation), bundle, main)
     except KeyboardInterrupt:
         saved = (run_dir / "checkpoints" / "last").is_dir()
         exc = Interrupted(
@@ -245,15 +249,29 @@ def _check_finite_scores(metrics: dict) -> None:
 
 
 def _train(
-    engine, model, train_ds, val_ds, loaded: _Loaded, bundle: DataBundle, cfg: RunConfig, run_dir: Path, resume: bool
+    engine,
+    model,
+    train_ds,
+    val_ds,
+    loaded: _Loaded,
+    bundle: DataBundle,
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    on_validation: Callable[[int, dict], None] | None = None,
 ) -> TrainSummary:
     """Train with the run's engine (validating on `val_ds`, if any); a run whose loss or
     weights are not finite fails here, rather than saving them as a result."""
+    rounds = [0]
 
     def validate(m):
-        return evaluate(
+        metrics = evaluate(
             m, val_ds, loaded.collator, bundle.label_names, cfg.train.eval_batch_size, loaded.precision, "validation"
         )[0]
+        if on_validation is not None:
+            rounds[0] += 1
+            on_validation(rounds[0], metrics)
+        return metrics
 
     summary = engine.train(
         model,
@@ -334,9 +352,17 @@ def _reload(
     return metrics, {"predictions_equal": same, "max_abs_logit_diff": diff}
 
 
-def _run(
-    cfg: RunConfig, run_dir: Path, baseline: bool, reload: bool, bundle: DataBundle | None, resume: bool, main: bool
-) -> dict:
+@dataclass(frozen=True)
+class _Steps:
+    """Which optional steps a run takes, and who is shown its validation rounds."""
+
+    baseline: bool
+    reload: bool
+    resume: bool
+    on_validation: Callable[[int, dict], None] | None = None
+
+
+def _run(cfg: RunConfig, run_dir: Path, steps: _Steps, bundle: DataBundle | None, main: bool) -> dict:
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     wall_start = time.perf_counter()
     _check_trackers(cfg)
@@ -347,13 +373,13 @@ def _run(
     engine, collator, precision = get_engine(cfg.train.engine), loaded.collator, loaded.precision
     # 3. baseline: the pretrained model with its untrained head
     base_metrics, base_logits = (
-        _baseline(engine, loaded, test_ds, bundle, cfg, run_dir, resume, main) if baseline else (None, None)
+        _baseline(engine, loaded, test_ds, bundle, cfg, run_dir, steps.resume, main) if steps.baseline else (None, None)
     )
     # 4-5. adapt and train
     heads, fingerprint = head_module_names(loaded.model), base_fingerprint(loaded.model)
     model = apply_method(loaded.model, cfg.method)
     del loaded.model  # the adapted model replaces it (and the reload check loads a fresh one)
-    summary = _train(engine, model, train_ds, val_ds, loaded, bundle, cfg, run_dir, resume)
+    summary = _train(engine, model, train_ds, val_ds, loaded, bundle, cfg, run_dir, steps.resume, steps.on_validation)
     tuned_metrics, tuned_logits = _eval(engine, model, test_ds, collator, bundle, cfg, precision, run_dir, "fine-tuned")
     _log_metrics("fine-tuned", tuned_metrics)
     _check_finite_scores(tuned_metrics)
@@ -366,7 +392,7 @@ def _run(
     distributed_state().wait_for_everyone()
     # 7-8. load it back into a fresh base model and evaluate it the same way
     reloaded, reload_check = None, None
-    if reload:
+    if steps.reload:
         del model
         reloaded, reload_check = _reload(engine, adapter_dir, loaded, test_ds, bundle, cfg, run_dir, tuned_logits)
     report = {
@@ -503,6 +529,45 @@ def evaluate_model(
     }
 
 
+def check_texts(meta: dict, texts: list[str], pairs: list[str] | None = None) -> None:
+    """Raise PeftlabError unless `texts` (and second texts `pairs`) suit the adapter that
+    `meta` (its peftlab.json) describes: non-empty texts, and pairs exactly when it was
+    trained on pairs, one per text."""
+    empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if empty:
+        raise PeftlabError(f"text #{empty[0] + 1} is empty: give non-empty texts to classify")
+    if pairs is not None and len(pairs) != len(texts):
+        raise PeftlabError(f"{len(texts)} texts but {len(pairs)} second texts: give one pair per text")
+    # A pair model shown single texts (or the reverse) answers confidently and wrongly.
+    pair_column = meta.get("data", {}).get("text_pair_column")
+    if pair_column and pairs is None:
+        raise PeftlabError(
+            f"this adapter was trained on sentence pairs (second text {pair_column!r}): "
+            f"give a second text for each text (CLI: --pairs, 'first<TAB>second' lines)"
+        )
+    if pairs is not None and not pair_column:
+        raise PeftlabError("this adapter was trained on single texts: give no second texts")
+    if pairs is not None:
+        empty = [i for i, t in enumerate(pairs) if not isinstance(t, str) or not t.strip()]
+        if empty:
+            raise PeftlabError(f"second text #{empty[0] + 1} is empty: give non-empty second texts")
+
+
+def encode_texts(tokenizer, meta: dict, texts: list[str], pairs: list[str] | None = None):
+    """Token ids of `texts` (checked by check_texts) as the adapter described by `meta` was
+    trained on them: its max_length and truncation mode."""
+    # No cache: predictions are on ad-hoc texts, seldom repeated.
+    return tokenize(
+        tokenizer,
+        texts,
+        None,
+        meta.get("max_length", 512),
+        pairs=pairs,
+        truncation=meta.get("truncation", "head"),
+        cache=False,
+    )
+
+
 class Predictor:
     """A loaded adapter that classifies texts: `Predictor(adapter_dir)(["text", ...])`."""
 
@@ -510,7 +575,7 @@ class Predictor:
         self,
         adapter_dir: str | Path,
         model_name: str | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
         allow_pickle: bool = False,
     ):
         self.model, self.tokenizer, self.meta = artifacts.load_adapter(
@@ -525,34 +590,8 @@ class Predictor:
     def __call__(self, texts: list[str], batch_size: int = 64, pairs: list[str] | None = None) -> list[dict]:
         """Label and class probabilities per text; `pairs` gives second texts for a model
         trained on sentence pairs."""
-        empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-        if empty:
-            raise PeftlabError(f"text #{empty[0] + 1} is empty: give non-empty texts to classify")
-        if pairs is not None and len(pairs) != len(texts):
-            raise PeftlabError(f"{len(texts)} texts but {len(pairs)} second texts: give one pair per text")
-        # A pair model shown single texts (or the reverse) answers confidently and wrongly.
-        pair_column = self.meta.get("data", {}).get("text_pair_column")
-        if pair_column and pairs is None:
-            raise PeftlabError(
-                f"this adapter was trained on sentence pairs (second text {pair_column!r}): "
-                f"give a second text for each text (CLI: --pairs, 'first<TAB>second' lines)"
-            )
-        if pairs is not None and not pair_column:
-            raise PeftlabError("this adapter was trained on single texts: give no second texts")
-        if pairs is not None:
-            empty = [i for i, t in enumerate(pairs) if not isinstance(t, str) or not t.strip()]
-            if empty:
-                raise PeftlabError(f"second text #{empty[0] + 1} is empty: give non-empty second texts")
-        # No cache: predictions are on ad-hoc texts, seldom repeated.
-        dataset = tokenize(
-            self.tokenizer,
-            texts,
-            None,
-            self.meta.get("max_length", 512),
-            pairs=pairs,
-            truncation=self.meta.get("truncation", "head"),
-            cache=False,
-        )
+        check_texts(self.meta, texts, pairs)
+        dataset = encode_texts(self.tokenizer, self.meta, texts, pairs)
         probs = softmax(predict_logits(self.model, dataset, self.collator, batch_size, self.precision, "predict"))
         results = [
             {

@@ -305,3 +305,120 @@ def set_model_dropout(model, p: float) -> None:
         if getattr(model.config, key, None) is not None:
             setattr(model.config, key, p)
     log.info("model dropout set to %g", p)
+
+
+class PackedForward:
+    """Lets a sequence-classification model take `PackCollator` batches, exactly.
+
+    Several texts share a row; attention must stay inside each text and each text must be
+    pooled on its own token. The model is still called through its top-level forward (so
+    peft, accelerate's autocast, DDP and the model's own loss all apply), with hooks that
+    (1) turn the batch's `sequence_ids` into a block-diagonal attention mask (causal too,
+    for decoders) and (2) replace the backbone's output by one hidden state per text: the
+    first token's for encoders, which then pass it through their own pooler and head; the
+    last token's for decoders, whose head would otherwise pool one token per *row*: their
+    top-level call gets a stand-in `input_ids` of one token per text, and the packed ids
+    go straight to the backbone. Batches without `sequence_ids` pass through untouched.
+
+    `supported(model)` says why a model cannot pack (None: it can); `exact(...)` compares
+    packed and padded logits on real examples before packing is relied on.
+    """
+
+    def __init__(self, model):
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.model, self.config = model, hf.config
+        self.decoder = hasattr(hf, "score")  # decoders' heads are `score`, pooled on the last token
+        backbone = getattr(hf, hf.base_model_prefix)
+        self.packed = None  # the packed inputs of the call in progress
+        self.handles = [model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)]
+        if self.decoder:
+            self.handles.append(backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
+            self.handles.append(backbone.register_forward_hook(self._pool_hook))
+        else:
+            self.handles.append(_encoder_stack(backbone).register_forward_hook(self._pool_hook))
+
+    @staticmethod
+    def supported(model) -> str | None:
+        """Why `model` cannot take packed batches, or None."""
+        hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(model, "peft_config", None) and model.active_peft_config.is_prompt_learning:
+            return "prompt-learning methods prepend virtual tokens to every row"
+        backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
+        if backbone is None or (not hasattr(hf, "score") and _encoder_stack(backbone) is None):
+            return f"{type(hf).__name__} has no backbone/encoder stack peftlab knows how to pool per text"
+        if hf.config._attn_implementation not in ("sdpa", "eager"):
+            return f"attention implementation {hf.config._attn_implementation!r} takes no custom mask"
+        return None
+
+    def _mask(self, sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # Same text (padding counts as one more "text", so its rows stay finite and unread).
+        mask = sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :]
+        if self.decoder:
+            width = sequence_ids.shape[1]
+            mask = mask & torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+        if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return mask
+
+    def _top_pre_hook(self, module, args, kwargs):
+        if "sequence_ids" not in kwargs:
+            self.packed = None
+            return None
+        sequence_ids, pool_index = kwargs.pop("sequence_ids"), kwargs.pop("pool_index")
+        dtype = next(module.parameters()).dtype
+        mask = self._mask(sequence_ids, dtype if dtype.is_floating_point else torch.float32)
+        self.packed = {"pool_index": pool_index}
+        if self.decoder:
+            ids = kwargs["input_ids"]
+            self.packed.update(input_ids=ids, attention_mask=mask, position_ids=kwargs.pop("position_ids"))
+            # One stand-in token per text, never the pad id: the head then pools "token 0" of
+            # each text's row of one, which the pool hook fills with the text's last token.
+            stand_in = 1 if self.config.pad_token_id == 0 else 0
+            kwargs["input_ids"] = torch.full((len(pool_index), 1), stand_in, dtype=ids.dtype, device=ids.device)
+            kwargs["attention_mask"] = None
+        else:
+            kwargs["attention_mask"] = mask
+        return args, kwargs
+
+    def _backbone_pre_hook(self, module, args, kwargs):
+        if self.packed is None:
+            return None
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
+        kwargs.update(
+            input_ids=self.packed["input_ids"],
+            attention_mask=self.packed["attention_mask"],
+            position_ids=self.packed["position_ids"],
+            use_cache=False,
+        )
+        return (), kwargs
+
+    def _pool_hook(self, module, args, output):
+        if self.packed is None:
+            return None
+        hidden = output[0]
+        pooled = hidden.reshape(-1, hidden.shape[-1])[self.packed["pool_index"]].unsqueeze(1)
+        if isinstance(output, tuple):
+            return (pooled, *output[1:])
+        return type(output)(**{**output, "last_hidden_state": pooled})
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for handle in self.handles:
+            handle.remove()
+        self.packed = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def _encoder_stack(backbone):
+    """The module of an encoder backbone whose output is the last hidden state: BERT,
+    RoBERTa, ELECTRA, DeBERTa (`encoder`), DistilBERT (`transformer`)."""
+    for name in ("encoder", "transformer"):
+        module = getattr(backbone, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    return None

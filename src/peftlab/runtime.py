@@ -105,6 +105,34 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def frozen_weights_cast(model: torch.nn.Module, device: torch.device, precision: str):
+    """Hold the frozen `nn.Linear` weights in bf16/fp16 while the block runs (CPU autocast).
+
+    Autocast casts every weight to the compute dtype on every forward: for a frozen base
+    that is the same cast, again and again (about an eighth of a MiniLM LoRA step on a
+    CPU, bench/README.md). Casting once gives the very same values. The fp32 weights are
+    put back afterwards. Not under DoRA, whose weight norm reads the base weights outside
+    the matmuls; not on GPUs, where the casts are cheap and memory is not.
+    """
+    dora = any(getattr(m, "lora_magnitude_vector", None) for m in model.modules())
+    if precision == "fp32" or device.type != "cpu" or dora:
+        yield
+        return
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    kept = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if type(module) is torch.nn.Linear and weight.dtype == torch.float32 and not weight.requires_grad:
+            kept.append((module, weight.data))
+            weight.data = weight.data.to(dtype)
+    try:
+        yield
+    finally:
+        for module, data in kept:
+            module.weight.data = data
+
+
 def gather_objects(obj) -> list:
     """`obj` from every process, in rank order ([obj] when not distributed)."""
     import torch.distributed as dist

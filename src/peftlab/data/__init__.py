@@ -2,10 +2,10 @@
 
 sources.py finds and reads the raw tables; prepare.py turns them into a `DataBundle` of
 `Split`s (bundle.py); tokens.py turns a split into token ids, cached on disk;
-batching.py pads and groups them into batches.
+batching.py pads or packs them and groups them into batches.
 """
 
-from peftlab.data.batching import LengthGroupedBatchSampler, PadCollator, label_skew
+from peftlab.data.batching import LengthGroupedBatchSampler, PackCollator, PadCollator, label_skew
 from peftlab.data.bundle import DataBundle, Split
 from peftlab.data.prepare import load_data, stratified_split
 from peftlab.data.tokens import TokenizedDataset, tokenize, tokenize_split
@@ -13,6 +13,7 @@ from peftlab.data.tokens import TokenizedDataset, tokenize, tokenize_split
 __all__ = [
     "DataBundle",
     "LengthGroupedBatchSampler",
+    "PackCollator",
     "PadCollator",
     "Split",
     "TokenizedDataset",

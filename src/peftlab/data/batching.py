@@ -132,3 +132,68 @@ def label_skew(batches: list[list[int]], labels: Sequence[int]) -> float:
     return float(
         np.mean([0.5 * np.abs(np.array([(labels[b] == c).mean() for c in classes]) - overall).sum() for b in batches])
     )
+
+
+class PackCollator:
+    """Padding-free batches: the batch's texts packed into as few rows as fit.
+
+    Each row is as wide as the batch's longest text (rounded up to a multiple of 8); texts
+    are placed longest first into the first row with room for them. Positions restart at 0
+    for each text, and `sequence_ids` numbers the texts of a row from 1 (0: padding), so the
+    model can confine attention to each text (`peftlab.models.PackedForward`).
+    `pool_index` holds, in the order the examples were given (the order of `labels`), the
+    flat row*width index of each text's pooled token: its first for encoders (`[CLS]`), its
+    last for decoders (`pool="last"`).
+    """
+
+    def __init__(self, pad_token_id: int, pool: str = "first", multiple: int = 8):
+        if pool not in ("first", "last"):
+            raise ValueError(f"pool must be 'first' or 'last', not {pool!r}")
+        self.pad_token_id = pad_token_id
+        self.pool = pool
+        self.multiple = multiple
+
+    def rows(self, lengths: Sequence[int]) -> tuple[int, list[tuple[int, int]]]:
+        """The row width and, per example, its (row, start): first-fit, longest first."""
+        width = -(-max(lengths) // self.multiple) * self.multiple
+        free: list[int] = []  # room left in each row
+        place = [(0, 0)] * len(lengths)
+        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+            row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
+            if row is None:
+                row = len(free)
+                free.append(width)
+            place[i] = (row, width - free[row])
+            free[row] -= lengths[i]
+        return width, place
+
+    def __call__(self, examples: list[dict]) -> dict:
+        lengths = [len(e["input_ids"]) for e in examples]
+        width, place = self.rows(lengths)
+        n_rows = 1 + max(row for row, _ in place)
+        input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+        sequence_ids = torch.zeros((n_rows, width), dtype=torch.long)
+        token_type_ids = torch.zeros((n_rows, width), dtype=torch.long) if "token_type_ids" in examples[0] else None
+        pool_index = torch.empty(len(examples), dtype=torch.long)
+        texts_in_row = [0] * n_rows
+        for i, (example, (row, start)) in enumerate(zip(examples, place)):
+            span = slice(start, start + lengths[i])
+            texts_in_row[row] += 1
+            input_ids[row, span] = torch.as_tensor(example["input_ids"], dtype=torch.long)
+            position_ids[row, span] = torch.arange(lengths[i])
+            sequence_ids[row, span] = texts_in_row[row]
+            if token_type_ids is not None:
+                token_type_ids[row, span] = torch.as_tensor(example["token_type_ids"], dtype=torch.long)
+            pool_index[i] = row * width + (start if self.pool == "first" else start + lengths[i] - 1)
+        batch = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "sequence_ids": sequence_ids,
+            "pool_index": pool_index,
+        }
+        if token_type_ids is not None:
+            batch["token_type_ids"] = token_type_ids
+        if "labels" in examples[0]:
+            batch["labels"] = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        return batch

@@ -24,23 +24,28 @@ from tqdm.auto import tqdm
 from peftlab import checkpoint
 from peftlab.checkpoint import TrainState
 from peftlab.config import RunConfig
-from peftlab.data import LengthGroupedBatchSampler, PadCollator, TokenizedDataset, label_skew
+from peftlab.data import LengthGroupedBatchSampler, PackCollator, PadCollator, TokenizedDataset, label_skew
 from peftlab.errors import PeftlabError
 from peftlab.methods import prepare_step_hook
 from peftlab.metrics import append_metrics_log, compute_metrics
+from peftlab.models import PackedForward
 from peftlab.optim import build_optimizer, linear_schedule
 from peftlab.results import TrainSummary
-from peftlab.runtime import autocast, gather_objects
+from peftlab.runtime import autocast, frozen_weights_cast, gather_objects
 
 log = logging.getLogger("peftlab")
 
 
 def training_sampler(
-    dataset: TokenizedDataset, batch_size: int, seed: int, batching: str = "auto"
+    dataset: TokenizedDataset, batch_size: int, seed: int, batching: str = "auto", packed: bool = False
 ) -> LengthGroupedBatchSampler:
     """The training batch sampler for `batching` (TrainConfig.batching); `auto` resolved
-    from the data itself and logged."""
-    if batching == "auto" and dataset.labels is not None:
+    from the data itself (or, for `packed` batches, to stratified) and logged."""
+    if batching == "auto" and packed:
+        # Packed batches carry no padding whatever their lengths: keep every batch's class mix.
+        batching = "stratified" if dataset.labels is not None else "random"
+        log.info("batching: %s (packed batches)", batching)
+    elif batching == "auto" and dataset.labels is not None:
         length = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed)
         random = LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=seed, window=1)
         grouped_skew, random_skew = (
@@ -109,6 +114,7 @@ class _Setup:
     steps_per_epoch: int
     total: int
     warmup: int
+    packing: PackedForward | None  # hooks that let the model take packed batches (removed after training)
 
 
 def _set_up(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunConfig, precision: str) -> _Setup:
@@ -133,14 +139,19 @@ def _set_up(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunCon
         log.info(
             "distributed: %d processes x %d examples = global batch %d", world, tc.batch_size // world, tc.batch_size
         )
-    sampler = training_sampler(dataset, tc.batch_size, tc.seed, tc.batching)
+    packing = _packing(model, dataset, collator, tc.packing, world)
+    # Batches depend on the setting, not on whether this model could pack: the same on any
+    # number of processes (which train padded) and for methods that cannot pack.
+    sampler = training_sampler(dataset, tc.batch_size, tc.seed, tc.batching, packed=tc.packing != "never")
     # A private generator: otherwise each new epoch iterator draws its base seed from the
     # global RNG, shifting the dropout masks that exact --resume must reproduce.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collator, generator=torch.Generator().manual_seed(tc.seed)
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collator if packing is None else _pack_collator(packing, collator),
+        generator=torch.Generator().manual_seed(tc.seed),
     )
-    total = math.ceil(tc.epochs * len(sampler))
-    total = min(total, tc.max_steps) if tc.max_steps else total
+    total = tc.total_steps(len(sampler))
     warmup = max(1, int(tc.warmup_ratio * total))
     optimizer = build_optimizer(model, cfg)
     scheduler = linear_schedule(optimizer, warmup, total)
@@ -150,7 +161,58 @@ def _set_up(model, dataset: TokenizedDataset, collator: PadCollator, cfg: RunCon
         # Only the training forward/backward is compiled; checkpoints and evaluation use `plain`.
         # dynamic=True: batch lengths vary, and one graph per length would recompile each time.
         model = torch.compile(model, dynamic=True)
-    return _Setup(accelerator, model, plain, optimizer, scheduler, sampler, loader, len(sampler), total, warmup)
+    return _Setup(
+        accelerator, model, plain, optimizer, scheduler, sampler, loader, len(sampler), total, warmup, packing
+    )
+
+
+def _pack_collator(packing: PackedForward, collator: PadCollator) -> PackCollator:
+    return PackCollator(collator.pad_token_id, pool="last" if packing.decoder else "first")
+
+
+def _packing(model, dataset: TokenizedDataset, collator: PadCollator, mode: str, world: int) -> PackedForward | None:
+    """PackedForward hooks on `model` if this run packs its batches (train.packing), else None."""
+    if mode == "never":
+        return None
+    why = PackedForward.supported(model)
+    if why is None and world > 1:
+        why = "several processes split each batch by rows, and packed rows hold several texts"
+    packing = None
+    if why is None:
+        packing = PackedForward(model)
+        sample = [dataset[i] for i in range(min(8, len(dataset)))]
+        gap = packing_gap(model, sample, collator, _pack_collator(packing, collator))
+        # fp32 sums in another order differ by ~1e-6; a wrong mask or pooled token by far more.
+        tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+        if gap > tolerance:
+            packing.remove()
+            packing, why = None, f"packed logits differ from padded ones by {gap:.2g} on this model"
+    if why is not None:
+        if mode == "always":
+            raise PeftlabError(f"train.packing=always, but {why}: use packing=auto or packing=never")
+        log.info("packing: off (%s)", why)
+        return None
+    log.info("packing: on (each batch's texts share rows; attention stays inside each text)")
+    return packing
+
+
+@torch.no_grad()
+def packing_gap(model, examples: list[dict], collator: PadCollator, packer: PackCollator) -> float:
+    """Largest difference between `model`'s logits on `examples` padded and packed (model in
+    eval mode, fp32 compute, PackedForward hooks installed)."""
+    was_training = model.training
+    model.eval()
+    try:
+        padded = collator(examples)
+        padded.pop("labels", None)
+        packed = packer(examples)
+        packed.pop("labels", None)
+        device = next(model.parameters()).device
+        a = model(**{k: v.to(device) for k, v in padded.items()}).logits.float()
+        b = model(**{k: v.to(device) for k, v in packed.items()}).logits.float()
+        return float((a - b).abs().max())
+    finally:
+        model.train(was_training)
 
 
 def _resume(run: _Setup, cfg: RunConfig, checkpoint_dir: Path | None, metrics_path: Path | None) -> TrainState:
@@ -217,8 +279,9 @@ class _Loop:
         self.running_n += 1
         state.step += 1
         state.batch_in_epoch += 1
-        state.samples += batch["input_ids"].shape[0] * self.world  # this process holds 1/world
-        tokens = batch["attention_mask"].sum() * self.world  # stays on the device: no sync
+        state.samples += len(batch["labels"]) * self.world  # this process holds 1/world
+        real = batch["sequence_ids"] > 0 if "sequence_ids" in batch else batch["attention_mask"]
+        tokens = real.sum() * self.world  # stays on the device: no sync
         self.unread_tokens = tokens if self.unread_tokens is None else self.unread_tokens + tokens
         if state.batch_in_epoch == run.steps_per_epoch:
             state.epoch += 1
@@ -352,9 +415,14 @@ def train(
 
 def _log_plan(run: _Setup, cfg: RunConfig, precision: str) -> None:
     head_lr = f", head lr {cfg.head_lr:.2g}" if cfg.head_lr != cfg.lr else ""
+    tc = cfg.train
+    budget = tc.epochs is None and run.total == tc.min_steps > 2 * run.steps_per_epoch
+    epochs = f"{run.total / run.steps_per_epoch:.1f} epochs: train.min_steps on a small training set" if budget else ""
     log.info(
-        "training: %d steps (%d per epoch, batch %d, lr %.2g%s, warmup %d), precision %s, %s",
-        *(run.total, run.steps_per_epoch, cfg.train.batch_size, cfg.lr, head_lr, run.warmup, precision),
+        "training: %d steps (%s%d per epoch, batch %d, lr %.2g%s, warmup %d), precision %s, %s",
+        *(run.total, epochs + ", " if epochs else "", run.steps_per_epoch, tc.batch_size, cfg.lr, head_lr),
+        run.warmup,
+        precision,
         run.accelerator.device,
     )
 
@@ -364,6 +432,8 @@ def _summary(loop: _Loop, precision: str) -> TrainSummary:
     state, tc, best_dir = loop.state, loop.tc, loop.checkpoint_dir / "best" if loop.checkpoint_dir else None
     loop.count_tokens()
     elapsed = loop.elapsed()
+    if loop.run.packing is not None:
+        loop.run.packing.remove()
     if loop.validate_fn and tc.load_best and best_dir and best_dir.exists() and state.best_step != state.step:
         checkpoint.load_weights(best_dir, loop.run.plain)
         log.info("loaded the best checkpoint (step %d, %s %.4f)", state.best_step, tc.metric_for_best, state.best)
@@ -392,7 +462,8 @@ def _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_di
     loop = _Loop(run, cfg, state, metrics_path, checkpoint_dir, validate)
     run.model.train()
     bar = tqdm(total=run.total, initial=state.step, desc="train", disable=None if loop.main else True)
-    with _StopRequest() as interrupt, bar:
+    cast = frozen_weights_cast(run.plain, run.accelerator.device, precision)
+    with _StopRequest() as interrupt, bar, cast:
         while state.step < run.total and not state.early_stopped:
             # accelerate's loader re-sets the sampler's epoch from its own counter when iteration
             # starts (one process) or not at all (several: the sampler sits inside its shard
@@ -444,7 +515,7 @@ def predict_logits(
         batches = batches[dist.get_rank() :: dist.get_world_size()]
     out = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
     start = time.perf_counter()
-    with autocast(device, precision):
+    with autocast(device, precision), frozen_weights_cast(model, device, precision):
         for indices in tqdm(batches, desc=desc, leave=False, disable=None):
             batch = collator([dataset[i] for i in indices])
             batch.pop("labels", None)

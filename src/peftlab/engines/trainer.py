@@ -5,6 +5,7 @@ batches them, so both engines' metrics agree."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -34,7 +35,7 @@ class _ListDataset(torch.utils.data.Dataset):
         return self.dataset[i]
 
 
-def _trainer_args(cfg: RunConfig, precision: str, output_dir: Path, device: torch.device):
+def _trainer_args(cfg: RunConfig, precision: str, output_dir: Path, device: torch.device, train_size: int = 0):
     from transformers import TrainingArguments
 
     tc = cfg.train
@@ -44,8 +45,8 @@ def _trainer_args(cfg: RunConfig, precision: str, output_dir: Path, device: torc
         per_device_eval_batch_size=tc.eval_batch_size,
         learning_rate=cfg.lr,
         weight_decay=tc.weight_decay,
-        num_train_epochs=tc.epochs,
-        max_steps=tc.max_steps or -1,
+        # The step count peftlab's own loop would take (epochs, or the min_steps budget).
+        max_steps=tc.total_steps(math.ceil(train_size / tc.batch_size)) if train_size else -1,
         warmup_steps=tc.warmup_ratio,  # a float below 1 is a ratio in transformers 5
         max_grad_norm=tc.max_grad_norm,
         lr_scheduler_type="linear",
@@ -109,7 +110,9 @@ def _make_trainer(
     optimizer = build_optimizer(model, cfg) if needs_own_groups(cfg) else None
     return Trainer(
         model=model,
-        args=_trainer_args(cfg, precision, output_dir, next(model.parameters()).device),
+        args=_trainer_args(
+            cfg, precision, output_dir, next(model.parameters()).device, len(train_dataset) if train_dataset else 0
+        ),
         train_dataset=_ListDataset(train_dataset) if train_dataset is not None else None,
         data_collator=collator,
         callbacks=[StepHook(), MetricsLog()] if train_dataset is not None else None,
@@ -144,7 +147,10 @@ def train(
         steps=result.global_step,
         epochs=trainer.state.epoch,
         train_seconds=elapsed,
-        train_samples_per_s=min(len(dataset) * cfg.train.epochs, result.global_step * cfg.train.batch_size) / elapsed,
+        train_samples_per_s=len(dataset)
+        * result.global_step
+        / math.ceil(len(dataset) / cfg.train.batch_size)
+        / elapsed,
         train_tokens_per_s=tokens / elapsed,
         final_loss=losses[-1]["loss"] if losses else float(result.training_loss),
         precision=precision,
