@@ -75,7 +75,8 @@ def test_pair_predictions_use_segment_ids(pretrained_encoder, tmp_path):
     run_experiment(cfg, bundle=load_data(cfg.data, source=df), baseline=False, reload=False)
     adapter = tmp_path / "runs" / "segments" / "adapter"
     firsts, seconds = texts[:6], [t.split()[0] for t in texts[:6]]
-    got = [p["probabilities"] for p in Predictor(adapter)(firsts, pairs=seconds)]
+    # fp32: compared with the fp32 model below (auto would pick bf16 on a CPU that has it).
+    got = [p["probabilities"] for p in Predictor(adapter, precision="fp32")(firsts, pairs=seconds)]
     model, _, meta = load_adapter(adapter)
     enc = tok(firsts, seconds, padding=True, return_tensors="pt")
     assert (enc["token_type_ids"] == 1).any()
@@ -88,7 +89,7 @@ def test_pair_predictions_use_segment_ids(pretrained_encoder, tmp_path):
 
     # The CLI: 'first<TAB>second' lines with --pairs; single texts are refused for this adapter.
     lines = "".join(f"{a}\t{b}\n" for a, b in zip(firsts, seconds))
-    out = peftlab("predict", adapter, "--pairs", "--json", cwd=tmp_path, stdin=lines)
+    out = peftlab("predict", adapter, "--pairs", "--json", "--precision", "fp32", cwd=tmp_path, stdin=lines)
     assert out.returncode == 0, out.stderr
     cli = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["pair"] for r in cli] == seconds
