@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -105,32 +106,61 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class LowPrecisionWeights:
+    """bf16/fp16 copies of the frozen nn.Linear weights, made once and swapped in while a block
+    runs on a CPU (`swapped(model)`). Autocast would cast every weight again on every forward
+    pass: the very same values, at a cost that dominates small batches (MiniLM, one text:
+    about half the time; a training step: about an eighth). The fp32 weights stay the
+    masters, so adapters can come and go (`forget()` after they do); not under DoRA, whose
+    weight norm reads the base weights outside the matmuls. A serving process keeps one
+    for its lifetime; a training run uses one for the run (`frozen_weights_cast`)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.copies: dict[int, torch.Tensor] = {}  # master storage pointer -> copy (shared bases: once)
+        self.plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [(module, master, copy)]
+
+    def forget(self) -> None:
+        """Drop every copy (after adapters changed); they are made again on the next forward pass."""
+        self.copies.clear()
+        self.plans.clear()
+
+    @contextlib.contextmanager
+    def swapped(self, model):
+        plan = self.plans.get(model)
+        if plan is None:
+            plan = self.plans[model] = self._plan(model)
+        for module, _, copy_ in plan:
+            module.weight.data = copy_
+        try:
+            yield
+        finally:
+            for module, master, _ in plan:
+                module.weight.data = master
+
+    def _plan(self, model) -> list:
+        if any(getattr(m, "lora_magnitude_vector", None) for m in model.modules()):
+            return []
+        plan = []
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if type(module) is torch.nn.Linear and weight.dtype == torch.float32 and not weight.requires_grad:
+                master = weight.data
+                copy_ = self.copies.setdefault(master.data_ptr(), master.to(self.dtype))
+                plan.append((module, master, copy_))
+        return plan
+
+
 @contextlib.contextmanager
 def frozen_weights_cast(model: torch.nn.Module, device: torch.device, precision: str):
-    """Hold the frozen `nn.Linear` weights in bf16/fp16 while the block runs (CPU autocast).
-
-    Autocast casts every weight to the compute dtype on every forward: for a frozen base
-    that is the same cast, again and again (about an eighth of a MiniLM LoRA step on a
-    CPU, bench/README.md). Casting once gives the very same values. The fp32 weights are
-    put back afterwards. Not under DoRA, whose weight norm reads the base weights outside
-    the matmuls; not on GPUs, where the casts are cheap and memory is not.
-    """
-    dora = any(getattr(m, "lora_magnitude_vector", None) for m in model.modules())
-    if precision == "fp32" or device.type != "cpu" or dora:
+    """Hold the frozen `nn.Linear` weights in bf16/fp16 while the block runs (CPU autocast):
+    `LowPrecisionWeights` for one block. Not on GPUs, where the casts are cheap and memory
+    is not."""
+    if precision == "fp32" or device.type != "cpu":
         yield
         return
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    kept = []
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if type(module) is torch.nn.Linear and weight.dtype == torch.float32 and not weight.requires_grad:
-            kept.append((module, weight.data))
-            weight.data = weight.data.to(dtype)
-    try:
+    with LowPrecisionWeights(torch.bfloat16 if precision == "bf16" else torch.float16).swapped(model):
         yield
-    finally:
-        for module, data in kept:
-            module.weight.data = data
 
 
 def gather_objects(obj) -> list:

@@ -64,7 +64,7 @@ from peftlab.methods.registry import METHODS
 from peftlab.metrics import softmax
 from peftlab.models import PackedForward, load_model
 from peftlab.report import load_run_report
-from peftlab.runtime import autocast, resolve_device, resolve_precision
+from peftlab.runtime import LowPrecisionWeights, autocast, resolve_device, resolve_precision
 
 log = logging.getLogger("peftlab")
 
@@ -598,49 +598,6 @@ class Batcher:
             job.remaining -= 1
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(np.stack(job.logits))
-
-
-class LowPrecisionWeights:
-    """bf16/fp16 copies of the frozen nn.Linear weights, made once and swapped in around each
-    forward pass on a CPU. Autocast would cast every weight again on every forward pass: the
-    very same values, at a cost that dominates small batches (MiniLM, one text: about half
-    the time). The fp32 weights stay the masters, so adapters can come and go; not under
-    DoRA, whose weight norm reads the base weights outside the matmuls."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-        self.copies: dict[int, torch.Tensor] = {}  # master storage pointer -> copy (shared bases: once)
-        self.plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> [(module, master, copy)]
-
-    def forget(self) -> None:
-        """Drop every copy (after adapters changed); they are made again on the next forward pass."""
-        self.copies.clear()
-        self.plans.clear()
-
-    @contextlib.contextmanager
-    def swapped(self, model):
-        plan = self.plans.get(model)
-        if plan is None:
-            plan = self.plans[model] = self._plan(model)
-        for module, _, copy_ in plan:
-            module.weight.data = copy_
-        try:
-            yield
-        finally:
-            for module, master, _ in plan:
-                module.weight.data = master
-
-    def _plan(self, model) -> list:
-        if any(getattr(m, "lora_magnitude_vector", None) for m in model.modules()):
-            return []
-        plan = []
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if type(module) is torch.nn.Linear and weight.dtype == torch.float32:  # nothing trains here
-                master = weight.data
-                copy_ = self.copies.setdefault(master.data_ptr(), master.to(self.dtype))
-                plan.append((module, master, copy_))
-        return plan
 
 
 # --- the HTTP server -------------------------------------------------------------------------
