@@ -51,7 +51,8 @@ def _study(tune_dir: Path, name: str):
         ({"space": {"r": {"choices": [4], "when": {"method.name": ["lora"]}}}}, r"which must come earlier"),
         ({"space": {"r": [[4, 8]]}}, r"non-empty list of plain values"),
         ({"time_budget": "soon"}, r"tune.time_budget='soon' is not a duration"),
-        ({"pruner": "hyperband"}, r"tune.pruner='hyperband' is not one of median, none"),
+        ({"pruner": "hyperband"}, r"tune.pruner='hyperband' is not one of percentile, median, none"),
+        ({"prune_percentile": 100}, r"tune.prune_percentile=100 must lie between 0 and 100"),
         (5, r"the tune: key in .* must be a mapping"),
     ],
 )
@@ -136,6 +137,8 @@ def test_pruned_trials_stop_early_and_the_test_split_is_evaluated_once(pretraine
         "space": {"train.lr": {"low": 1e-8, "high": 1e-1, "log": True}},
         "prune_after_trials": 1,
         "prune_after_rounds": 0,
+        "prune_patience": 0,  # lr 1e-7 still lowers the loss a hair each round
+        "refit": False,  # the trial's own adapter on test (refit: test_refit_...)
     }
     base, tune = load_tune(_write(tmp_path, data))
     tune.trials = 1
@@ -255,3 +258,52 @@ def test_shipped_tune_configs_load(path):
     assert path.read_text().startswith("# peftlab tune --config"), "each config is headed by its command"
     base, tune = load_tune(path)
     assert base.data.validation_size > 0 and tune.search_params()
+
+
+def test_the_pruner_spares_a_lagging_trial_while_it_still_improves():
+    from peftlab.tune import make_pruner
+
+    study = optuna.create_study(
+        direction="maximize", pruner=make_pruner(optuna, TuneConfig(prune_after_trials=2, prune_after_rounds=0))
+    )
+    for _ in range(2):  # two complete trials at 0.8 from the first round
+        trial = study.ask()
+        for step in range(1, 6):
+            trial.report(0.8, step)
+        study.tell(trial, 0.8)
+
+    def rounds(scores):  # the rounds at which the pruner would stop a trial with these scores
+        trial, stops = study.ask(), []
+        for step, score in enumerate(scores, 1):
+            trial.report(score, step)
+            stops += [step] if trial.should_prune() else []
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return stops
+
+    assert rounds([0.5, 0.55, 0.6, 0.65, 0.7]) == [], "behind, but better every round: a longer schedule"
+    assert rounds([0.5, 0.5, 0.5, 0.5, 0.5])[:1] == [3], "behind and flat for 2 rounds (patience): stopped"
+    assert rounds([0.9, 0.9, 0.9, 0.9, 0.9]) == [], "ahead: never"
+    plain = make_pruner(optuna, TuneConfig(prune_patience=0, pruner="median"))
+    assert type(plain).__name__ == "PercentilePruner" and plain._percentile == 50.0
+
+
+def test_refit_trains_the_best_settings_on_train_and_validation_for_the_test_split(
+    pretrained_encoder, sentiment_dir, tmp_path
+):
+    data = _base(pretrained_encoder, sentiment_dir, tmp_path, epochs=1)
+    data["data"]["validation_size"] = 0.25
+    data["tune"] = {"space": {"train.lr": [3e-3]}}
+    base, tune = load_tune(_write(tmp_path, data))
+    tune.trials = 1
+    summary = run_tune(base, tune, "r")
+    tune_dir = tmp_path / "runs" / "r"
+    trial = json.loads((tune_dir / "trial-0000" / "report.json").read_text())
+    refit = json.loads((tune_dir / "refit" / "report.json").read_text())
+    assert refit["data"]["train_size"] == trial["data"]["train_size"] + trial["data"]["validation_size"]
+    assert not refit["data"]["validation_size"]
+    assert summary.best_test["accuracy"] == refit["finetuned"]["accuracy"] and summary.best_test["n"] == 80
+    assert "trained once more on the training and validation data" in (tune_dir / "leaderboard.md").read_text()
+    # Read back, not trained again: the test split met this model once.
+    before = (tune_dir / "refit" / "report.json").stat().st_mtime_ns
+    again = run_tune(base, tune, "r")
+    assert again.best_test == summary.best_test and (tune_dir / "refit" / "report.json").stat().st_mtime_ns == before

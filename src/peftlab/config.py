@@ -728,18 +728,38 @@ class TuneConfig:
         "This worker's wall-clock budget, e.g. 45m, 2h, 1h30m, 600 (seconds); no trial starts that would overrun it.",
     )
     pruner: str = _f(
-        "median",
-        "median: stop a trial whose validation score is below the median of earlier trials' at the "
-        "same validation round; none: never stop a trial early.",
+        "percentile",
+        "percentile: stop a trial whose validation score is in the worst prune_percentile percent of "
+        "earlier trials' at the same validation round; median: the same at 50 (harsher: on a small "
+        "validation split, noise alone puts half the good trials below the median); none: never "
+        "stop a trial early.",
+    )
+    prune_percentile: float = _f(
+        25.0, "pruner=percentile: the share (percent) of earlier trials' scores a trial must fall into to stop."
     )
     startup_trials: int = _f(5, "Trials sampled at random before TPE models the space.")
     prune_after_trials: int = _f(
-        2,
+        4,
         "Complete trials the pruner needs before it stops others (it compares a trial with their "
-        "scores at the same round); few, because on a small budget every trial counts.",
+        "scores at the same round): with fewer, one lucky or unlucky trial sets the bar.",
     )
-    prune_after_rounds: int = _f(1, "Validation rounds every trial gets before it may be pruned.")
+    prune_after_rounds: int = _f(
+        4,
+        "Validation rounds every trial gets before it may be pruned: by default one epoch, since "
+        "trials with other lengths and warm-ups are not comparable earlier.",
+    )
+    prune_patience: int = _f(
+        2,
+        "The pruner stops only a trial that also has not improved for this many rounds: a longer "
+        "trial, still warming up or decaying its rate, is not cut for lagging shorter ones (0: off).",
+    )
     evals_per_epoch: int = _f(4, "Validation rounds per epoch (the pruner's checkpoints) when train.eval_every is 0.")
+    refit: bool = _f(
+        True,
+        "After the search, train the best trial's settings once more on the training and validation "
+        "data together (what the trials held out to select), and evaluate that model on the test "
+        "split; false: evaluate the best trial's own adapter.",
+    )
     include_base: bool = _f(True, "Make the first trial the base config's own settings, where they lie in the space.")
     seed: int | None = _f(None, "Seed of the TPE sampler: for one worker (workers sharing a seed would sample alike).")
     heartbeat_seconds: int = _f(
@@ -784,9 +804,11 @@ class TuneConfig:
                     raise ValueError
             except ValueError:
                 out.append(f"tune.time_budget={self.time_budget!r} is not a duration: write e.g. 45m, 2h or 1h30m")
-        if self.pruner not in ("median", "none"):
-            out.append(f"tune.pruner={self.pruner!r} is not one of median, none")
-        for name in ("startup_trials", "prune_after_trials", "prune_after_rounds"):
+        if self.pruner not in ("percentile", "median", "none"):
+            out.append(f"tune.pruner={self.pruner!r} is not one of percentile, median, none")
+        if not 0 < self.prune_percentile < 100:
+            out.append(f"tune.prune_percentile={self.prune_percentile:g} must lie between 0 and 100")
+        for name in ("startup_trials", "prune_after_trials", "prune_after_rounds", "prune_patience"):
             if getattr(self, name) < 0:
                 out.append(f"tune.{name}={getattr(self, name)} must be 0 or more")
         for name in ("evals_per_epoch", "heartbeat_seconds"):

@@ -10,8 +10,9 @@
 Each trial is an ordinary run folder `<output_dir>/<tune>/trial-NNNN`, trained on the
 training split and scored on the validation split (carved from train when the config has
 none), at every validation round, where the pruner may stop it. The test split is never
-seen by the search: it is evaluated once, for the best trial, at the end. The study (TPE
-sampler, median pruner) lives in `<output_dir>/<tune>/study.db`, or in a database named by
+seen by the search: it is evaluated once, at the end, for the best trial's settings trained
+again on training + validation data (`<tune>/refit`; tune.refit=false: the trial's own
+adapter). The study (TPE sampler, percentile pruner with patience) lives in `<output_dir>/<tune>/study.db`, or in a database named by
 `--storage`, so a tune resumes with the same command and several workers, on one machine or
 many, share one study: Optuna's storage hands out the trials.
 """
@@ -238,16 +239,41 @@ def hide_password(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
+def make_pruner(optuna, tune: TuneConfig):
+    """The pruner `tune` asks for (TuneConfig.pruner and its prune_* settings)."""
+    pruner = optuna.pruners.NopPruner()
+    if tune.pruner != "none":
+        # Percentile rather than median by default: a 400-sentence validation split moves a
+        # score by ~2 points, so half of the good trials sit below the median at some round.
+        percentile = 50.0 if tune.pruner == "median" else tune.prune_percentile
+        pruner = optuna.pruners.PercentilePruner(
+            percentile, n_startup_trials=tune.prune_after_trials, n_warmup_steps=tune.prune_after_rounds + 1
+        )
+        if tune.prune_patience:
+            pruner = _stalled_only(optuna, pruner, tune.prune_patience)
+    return pruner
+
+
+def _stalled_only(optuna, wrapped, patience: int):
+    """`wrapped`'s verdict, asked only for a trial whose best score of its last `patience`
+    rounds is no better than its best before them. (Optuna's PatientPruner spares a trial
+    whose score is flat, which is what a run collapsed onto one class shows.)"""
+
+    class StalledOnly(optuna.pruners.BasePruner):
+        def prune(self, study, trial) -> bool:
+            sign = -1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else 1.0
+            scores = [sign * v for _, v in sorted(trial.intermediate_values.items())]
+            if len(scores) <= patience or max(scores[-patience:]) > max(scores[:-patience]):
+                return False
+            return wrapped.prune(study, trial)
+
+    return StalledOnly()
+
+
 def open_study(optuna, url: str, name: str, base: RunConfig, tune: TuneConfig, params: list[SearchParam]):
     """Create the study or join it; a study started with other settings is refused."""
     sampler = optuna.samplers.TPESampler(seed=tune.seed, n_startup_trials=tune.startup_trials)
-    pruner = (
-        optuna.pruners.MedianPruner(
-            n_startup_trials=tune.prune_after_trials, n_warmup_steps=tune.prune_after_rounds + 1
-        )
-        if tune.pruner == "median"
-        else optuna.pruners.NopPruner()
-    )
+    pruner = make_pruner(optuna, tune)
     study = optuna.create_study(
         storage=_storage(optuna, url, tune.heartbeat_seconds),
         study_name=name,
@@ -340,7 +366,7 @@ class _Objective:
             trial.report(value, round_)
             if trial.should_prune():
                 raise self.optuna.TrialPruned(
-                    f"validation {self.metric} {value:.4f} at round {round_} is worse than the median of earlier trials"
+                    f"validation {self.metric} {value:.4f} at round {round_} is among the worst of earlier trials' there"
                 )
 
         return report
@@ -521,8 +547,25 @@ def _evaluate_once(path: Path, key: dict, evaluate) -> dict:
 _TEST_KEYS = ("loss", "accuracy", "macro_f1", "n", "per_class", "confusion_matrix")
 
 
-def _test_scores(base: RunConfig, best: TrialRecord | None, tune_dir: Path) -> tuple[dict | None, dict, str]:
-    """The best trial and the pretrained baseline on the test split, each evaluated once."""
+def _refit(run_dir: Path, tune_dir: Path) -> dict:
+    """The best trial's settings trained again on its training and validation data together
+    (into `<tune_dir>/refit`), evaluated on the test split: the metrics."""
+    from peftlab.experiment import run_experiment
+
+    cfg = load_config(run_dir / "config.yaml")
+    cfg.data.validation_size = 0.0  # what the trials held out to select on now trains too
+    cfg.train.early_stopping_patience = None
+    cfg.output_dir, cfg.name, cfg.overwrite = str(tune_dir), "refit", True
+    log.info("tune: training the best trial's settings on train + validation (refit), then the test split, once")
+    result = run_experiment(cfg.validate(), baseline=False, reload=False)
+    return {k: result["finetuned"][k] for k in _TEST_KEYS if k in result["finetuned"]}
+
+
+def _test_scores(
+    base: RunConfig, best: TrialRecord | None, tune_dir: Path, refit: bool = False
+) -> tuple[dict | None, dict, str]:
+    """The best trial (or, with `refit`, its settings trained on train + validation) and the
+    pretrained baseline on the test split, each evaluated once; and a note on what was."""
     import torch
 
     from peftlab.experiment import evaluate_model
@@ -562,11 +605,20 @@ def _test_scores(base: RunConfig, best: TrialRecord | None, tune_dir: Path) -> t
         )
         return {k: result["metrics"][k] for k in _TEST_KEYS if k in result["metrics"]}
 
+    if refit:
+        key = {"trial": best.number, "run_dir": str(run_dir), "refit": str(tune_dir / "refit")}
+        note = (
+            f"Test scores: the best trial's settings trained once more on the training and validation "
+            f"data together (the validation split had only selected), in {tune_dir / 'refit'}."
+        )
+        return _evaluate_once(tune_dir / "best_test.json", key, lambda: _refit(run_dir, tune_dir)), baseline_test, note
     key = {"trial": best.number, "run_dir": str(run_dir)}
     return _evaluate_once(tune_dir / "best_test.json", key, best_trial), baseline_test, ""
 
 
-def summarize(optuna, study, base: RunConfig, tune_dir: Path, url: str, bundle, validation_note: str) -> TuneSummary:
+def summarize(
+    optuna, study, base: RunConfig, tune_dir: Path, url: str, bundle, validation_note: str, refit: bool = False
+) -> TuneSummary:
     """Every trial, the best one's test scores against the baseline, the importances; written
     as leaderboard.md, report.html and tune.json in `tune_dir`."""
     with warnings.catch_warnings():
@@ -576,7 +628,7 @@ def summarize(optuna, study, base: RunConfig, tune_dir: Path, url: str, bundle, 
     complete = [t for t in records if t.state == "complete"]
     best = study.best_trial.number if complete else None
     best_test, baseline_test, test_note = _test_scores(
-        base, next((t for t in complete if t.number == best), None), tune_dir
+        base, next((t for t in complete if t.number == best), None), tune_dir, refit
     )
     importances, importance_note = _importances(optuna, study)
     summary = TuneSummary(
@@ -630,4 +682,4 @@ def run_tune(base: RunConfig, tune: TuneConfig, name: str, storage: str | None =
     log.info("tune %s: study in %s; trials in %s/trial-NNNN", name, hide_password(url), tune_dir)
     _optimize(optuna, study, _Objective(optuna, base, tune, params, tune_dir, bundle), tune)
     with _tune_lock(tune_dir):
-        return summarize(optuna, study, base, tune_dir, url, bundle, validation_note)
+        return summarize(optuna, study, base, tune_dir, url, bundle, validation_note, tune.refit)

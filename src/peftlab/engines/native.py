@@ -31,7 +31,7 @@ from peftlab.metrics import append_metrics_log, compute_metrics
 from peftlab.models import PackedForward
 from peftlab.optim import build_optimizer, linear_schedule
 from peftlab.results import TrainSummary
-from peftlab.runtime import autocast, frozen_weights_cast, gather_objects
+from peftlab.runtime import autocast, cpu_dropout, frozen_weights_cast, gather_objects
 
 log = logging.getLogger("peftlab")
 
@@ -463,7 +463,8 @@ def _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_di
     run.model.train()
     bar = tqdm(total=run.total, initial=state.step, desc="train", disable=None if loop.main else True)
     cast = frozen_weights_cast(run.plain, run.accelerator.device, precision)
-    with _StopRequest() as interrupt, bar, cast:
+    dropout = cpu_dropout(run.plain, run.accelerator.device)
+    with _StopRequest() as interrupt, bar, cast, dropout:
         while state.step < run.total and not state.early_stopped:
             # accelerate's loader re-sets the sampler's epoch from its own counter when iteration
             # starts (one process) or not at all (several: the sampler sits inside its shard

@@ -58,7 +58,7 @@ class TuneSummary:
     base_trial: int | None = None  # the trial with the base config's own settings
     best_test: dict | None = None  # the best trial's metrics on the test split (evaluated once)
     baseline_test: dict | None = None  # the pretrained model (untrained head) on the test split
-    test_note: str = ""  # why best_test is missing, when it is
+    test_note: str = ""  # why best_test is missing, or what it measured (a refit)
     importances: dict[str, float] = field(default_factory=dict)
     importance_note: str = ""  # over how many trials they are, or why they are missing
     finished: str = ""
