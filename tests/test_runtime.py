@@ -96,6 +96,30 @@ def test_cpu_training_attention_is_attention_with_dropped_probabilities():
     torch.testing.assert_close(plain, sdpa, rtol=1e-5, atol=1e-6)
 
 
+def test_cpu_training_attention_is_sdpa_for_decoders_with_grouped_heads():
+    # No dropout (decoders have none), causal, 4 query heads sharing 2 key/value heads: the
+    # matmul path that replaces SDPA's slow flash backward must give SDPA's numbers (fp32).
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, requires_grad=True)
+    k, v = torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+
+    class Layer(torch.nn.Module):
+        is_causal = True
+
+    out, _ = _cpu_training_attention(Layer().train(), q, k, v, None, dropout=0.0, use_cache=False)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), q)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    # An explicit (packed) causal mask: the same.
+    mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6)
+    masked, _ = _cpu_training_attention(Layer().train(), q, k, v, mask, dropout=0.0)
+    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_cpu_dropout_swaps_in_for_training_only_and_puts_everything_back(pretrained_encoder):
     torch.manual_seed(0)
     model, tok, _ = load_model(ModelConfig(name=pretrained_encoder), 2)

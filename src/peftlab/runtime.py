@@ -202,34 +202,58 @@ def _dropout_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 # Arguments that do not change plain bidirectional self-attention (BERT passes these).
-_PLAIN_ATTENTION_KWARGS = {"encoder_hidden_states", "output_attentions", "output_hidden_states", "position_ids"}
+_PLAIN_ATTENTION_KWARGS = {
+    "encoder_hidden_states",
+    "output_attentions",
+    "output_hidden_states",
+    "position_ids",
+    "use_cache",
+}
+
+
+MATH_ATTENTION_MAX_WIDTH = 1024  # rows wider than this keep SDPA's kernels without dropout (memory)
 
 
 def _cpu_training_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """An AttentionInterface function: scaled dot-product attention with `fast_dropout` on the
-    probabilities while a bidirectional attention layer trains on a CPU with attention dropout
-    (there SDPA falls back to its math path and its slow dropout); SDPA itself otherwise."""
+    """An AttentionInterface function for training on a CPU: attention computed as matmuls
+    and a softmax, with `fast_dropout` on the probabilities. SDPA would take its math path
+    with the slow dropout (encoders), or, without dropout, its flash kernel, whose backward
+    under a packed causal mask cost 21 ms a layer on smollm2's short rows: a quarter of the
+    step. SDPA itself when evaluating, off a CPU, or for anything unusual."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     unknown = any(v is not None and k not in _PLAIN_ATTENTION_KWARGS for k, v in kwargs.items())
     if (
-        dropout == 0
-        or unknown  # sliding windows, soft-capping, sinks...: SDPA's own handling
+        unknown  # sliding windows, soft-capping, sinks...: SDPA's own handling
+        or not module.training
         or query.device.type != "cpu"
-        or getattr(module, "is_causal", False)
-        or key.shape != query.shape
+        or (dropout == 0 and key.shape[-2] > MATH_ATTENTION_MAX_WIDTH)
+        or query.shape[1] % key.shape[1]
     ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves several
+        repeat = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+    causal = getattr(module, "is_causal", False)
+    if attention_mask is None and causal and query.shape[2] > 1:
+        width = key.shape[2]
+        attention_mask = torch.ones(query.shape[2], width, dtype=torch.bool, device=query.device).tril(
+            width - query.shape[2]
         )
     scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
     elif attention_mask is not None:
         scores = scores + attention_mask
+    # As each family's own eager attention does: decoders (Llama...) take the softmax in fp32,
+    # BERT-style encoders in the scores' dtype.
+    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32 if causal else None).to(value.dtype)
+    if dropout == 0:
+        return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
     # Dropped, not yet scaled: 1 / (1 - p) goes on the output, W/head_dim times smaller.
-    probs = fast_dropout(torch.nn.functional.softmax(scores, dim=-1), dropout, scale=False)
-    out = torch.matmul(probs, value).mul_(dropout_scale(dropout))
+    out = torch.matmul(fast_dropout(probs, dropout, scale=False), value).mul_(dropout_scale(dropout))
     return out.transpose(1, 2).contiguous(), None
 
 
