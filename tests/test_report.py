@@ -121,7 +121,7 @@ def _plain_snippet_predicts_as_peftlab(card: str, adapter_dir) -> None:
     text = "w1 good w2"
     with torch.no_grad():
         logits = scope["model"].eval()(**scope["tokenizer"](text, return_tensors="pt")).logits
-    expected = Predictor(adapter_dir)([text])[0]["probabilities"]
+    expected = Predictor(adapter_dir, precision="fp32")([text])[0]["probabilities"]  # the snippet runs fp32
     assert torch.allclose(logits.softmax(-1)[0], torch.tensor(list(expected.values()), dtype=torch.float32), atol=1e-5)
 
 
