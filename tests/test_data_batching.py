@@ -101,26 +101,64 @@ def test_packed_batches_hold_every_text_once_with_its_own_positions(pool):
 
     lengths = [30, 3, 17, 9, 9, 1, 25, 6, 2, 14, 8, 5]
     batch = PackCollator(pad_token_id=0, pool=pool)(_examples(lengths, pairs=True))
-    ids, pos, seq, types = (batch[k] for k in ("input_ids", "position_ids", "sequence_ids", "token_type_ids"))
-    width = ids.shape[1]
-    assert width == 32, "as wide as the longest text, rounded up to a multiple of 8"
-    assert ids.shape[0] < len(lengths) and ids.shape[0] * width >= sum(lengths)
-    assert ids.shape[0] == -(-sum(lengths) // width), "first-fit fills the rows here: no row more than needed"
+    ids, pos, seq, types = (batch[k][0] for k in ("input_ids", "position_ids", "sequence_ids", "token_type_ids"))
+    assert batch["input_ids"].shape[0] == 1 and len(ids) % 32 == 0, "one row, its tail padded to a multiple of 32"
+    groups = batch["group_sizes"].tolist()
+    assert (
+        sum(t for t, _ in groups) == len(lengths)
+        and sum(t * w for t, w in groups) <= len(ids) < sum(t * w for t, w in groups) + 32
+    )
+    assert len(ids) < 0.6 * len(lengths) * 32, "far fewer cells than padding every text to the longest"
     assert int((seq > 0).sum()) == sum(lengths) and int((ids[seq == 0] != 0).sum()) == 0, "padding is pad ids"
-    flat_ids = ids.reshape(-1)
+    slots = [
+        (at + w * s, w) for at, (t, w) in zip(np.cumsum([0] + [t * w for t, w in groups]), groups) for s in range(t)
+    ]
+    starts = {}
     for i, n in enumerate(lengths):
-        where = (ids == 100 + i).nonzero()
-        rows = where[:, 0].unique()
-        assert len(where) == n and len(rows) == 1, f"text {i} is whole, in one row"
-        cols = where[:, 1]
-        assert (cols == torch.arange(cols[0], cols[0] + n)).all(), "contiguous"
-        row = int(rows[0])
-        assert pos[row, cols].tolist() == list(range(n)), "positions restart at 0 for each text"
-        assert len(seq[row, cols].unique()) == 1 and int(seq[row, cols[0]]) > 0
-        assert (types[row, cols] == i % 2).all()
-        expected = row * width + int(cols[0] if pool == "first" else cols[-1])
-        assert int(batch["pool_index"][i]) == expected and int(flat_ids[expected]) == 100 + i
+        (cols,) = (ids == 100 + i).nonzero(as_tuple=True)
+        assert len(cols) == n and (cols == torch.arange(cols[0], cols[0] + n)).all(), f"text {i} whole, contiguous"
+        slot = next((start, width) for start, width in slots if start == int(cols[0]))
+        assert n <= slot[1], "a text starts its slot and fits in it"
+        starts[i] = slot
+        assert pos[cols].tolist() == list(range(n)), "positions restart at 0 for each text"
+        assert (seq[cols] == i + 1).all() and (types[cols] == i % 2).all()
+        expected = int(cols[0] if pool == "first" else cols[-1])
+        assert int(batch["pool_index"][i]) == expected and int(ids[expected]) == 100 + i
+    assert len(set(starts.values())) == len(lengths), "one text per slot"
+    widths = [w for _, w in groups]
+    assert widths == sorted(widths, reverse=True) and widths[0] == max(lengths), (
+        "groups longest first, as wide as their longest"
+    )
     assert batch["labels"].tolist() == [i % 3 for i in range(len(lengths))], "labels in the order given"
+
+
+def test_pack_groups_are_the_cheapest_cut_of_the_sorted_lengths():
+    import itertools
+
+    from peftlab.data import PackCollator
+
+    def cost(lengths, spans):
+        return sum(
+            (e - s) * (PackCollator.TOKEN_COST * lengths[s] + lengths[s] ** 2) + PackCollator.GROUP_COST
+            for s, e in spans
+        )
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        lengths = sorted(rng.integers(1, 200, int(rng.integers(1, 9))).tolist(), reverse=True)
+        spans = PackCollator.groups(lengths)
+        assert (
+            spans[0][0] == 0
+            and spans[-1][1] == len(lengths)
+            and all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+        )
+        cuts = range(1, len(lengths))
+        every = [
+            list(zip((0, *c), (*c, len(lengths)))) for r in range(len(lengths)) for c in itertools.combinations(cuts, r)
+        ]
+        assert cost(lengths, spans) == min(cost(lengths, e) for e in every)
+    assert len(PackCollator.groups([120] * 2 + [8] * 14)) == 2, "two long texts do not widen fourteen short ones"
+    assert len(PackCollator.groups([20, 19, 19, 18])) == 1, "similar lengths share one group"
 
 
 def test_packed_rows_never_mix_sequence_numbers():
@@ -129,9 +167,9 @@ def test_packed_rows_never_mix_sequence_numbers():
     rng = np.random.default_rng(1)
     lengths = rng.integers(1, 120, 64).tolist()
     batch = PackCollator(pad_token_id=0)(_examples(lengths))
-    seq = batch["sequence_ids"]
-    # Each (row, sequence number) pair is exactly one text.
-    pairs = {(r, int(s)) for r in range(seq.shape[0]) for s in seq[r].unique() if s > 0}
-    assert len(pairs) == len(lengths)
+    seq = batch["sequence_ids"][0]
+    assert sorted(seq[seq > 0].unique().tolist()) == list(range(1, 65)), "each text its own number"
+    assert [int((seq == i + 1).sum()) for i in range(64)] == lengths
     padded_cells = len(lengths) * (-(-max(lengths) // 8) * 8)
     assert seq.numel() < 0.7 * padded_cells, "packing spends far fewer cells than padding"
+    assert seq.numel() < 1.2 * sum(lengths), "and little more than the real tokens"

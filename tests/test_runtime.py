@@ -8,14 +8,14 @@ from peftlab.data import PadCollator
 from peftlab.methods import apply_method
 from peftlab.models import load_model
 from peftlab.runtime import (
-    CPU_TRAINING_ATTENTION,
-    _cpu_training_attention,
+    PEFTLAB_ATTENTION,
     autocast,
     bernoulli_keep,
     cpu_dropout,
     dropout_scale,
     fast_dropout,
     frozen_weights_cast,
+    peftlab_attention,
 )
 
 
@@ -28,18 +28,30 @@ def _lora_model(path, **method):
     return model, batch
 
 
-def test_frozen_weights_cast_once_give_exactly_what_autocast_computes(pretrained_encoder):
+def test_frozen_weights_cast_once_keep_the_whole_forward_in_bf16(pretrained_encoder):
     model, batch = _lora_model(pretrained_encoder)
     cpu = torch.device("cpu")
-    frozen = {n: p for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert any("LayerNorm" in n for n in frozen) and any("embeddings" in n for n in frozen)
     before = {n: p.data_ptr() for n, p in frozen.items()}
+    streams = []
+    hook = (
+        model.get_base_model()
+        .bert.encoder.layer[0]
+        .register_forward_hook(
+            lambda module, args, out: streams.append((out[0] if isinstance(out, tuple) else out).dtype)
+        )
+    )
     with torch.no_grad(), autocast(cpu, "bf16"):
         expected = model(**batch).logits
         with frozen_weights_cast(model, cpu, "bf16"):
-            assert all(p.dtype == torch.bfloat16 for p in frozen.values()) and frozen
+            assert all(p.dtype == torch.bfloat16 for p in frozen.values()), "norms and embeddings too"
             assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
             cast = model(**batch).logits
-    assert torch.equal(cast, expected), "the same bf16 values, cast once instead of every forward"
+    hook.remove()
+    assert streams == [torch.float32, torch.bfloat16], "the residual stream stays bf16: no casts between matmuls"
+    assert not torch.equal(cast, expected), "norms and embeddings in bf16 round differently"
+    torch.testing.assert_close(cast.float(), expected.float(), atol=0.03, rtol=0)
     assert all(p.dtype == torch.float32 and p.data_ptr() == before[n] for n, p in frozen.items()), "put back"
 
 
@@ -73,7 +85,7 @@ def test_fast_dropout_keeps_each_value_with_probability_1_minus_p_and_scales_it(
     assert fast_dropout(x, 0.0) is x and not fast_dropout(x, 1.0).any()
 
 
-def test_cpu_training_attention_is_attention_with_dropped_probabilities():
+def test_peftlab_attention_is_attention_with_dropped_probabilities():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 6, 4) for _ in range(3))
     mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
@@ -84,19 +96,19 @@ def test_cpu_training_attention_is_attention_with_dropped_probabilities():
 
     layer = Layer().train()
     torch.manual_seed(3)
-    out, _ = _cpu_training_attention(layer, q, k, v, mask, dropout=0.25)
+    out, _ = peftlab_attention(layer, q, k, v, mask, dropout=0.25)
     torch.manual_seed(3)
     keep = bernoulli_keep((2, 3, 6, 6), 0.25, q)
     probs = torch.softmax((q @ k.transpose(2, 3) / 2).masked_fill(~mask, torch.finfo(q.dtype).min), -1)
     expected = ((probs * keep) @ v * dropout_scale(0.25)).transpose(1, 2)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     # No dropout: SDPA itself, the same numbers as without peftlab's function.
-    plain, _ = _cpu_training_attention(layer, q, k, v, mask, dropout=0.0)
+    plain, _ = peftlab_attention(layer, q, k, v, mask, dropout=0.0)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
     torch.testing.assert_close(plain, sdpa, rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_training_attention_is_sdpa_for_decoders_with_grouped_heads():
+def test_peftlab_attention_is_sdpa_for_decoders_with_grouped_heads():
     # No dropout (decoders have none), causal, 4 query heads sharing 2 key/value heads: the
     # matmul path that replaces SDPA's slow flash backward must give SDPA's numbers (fp32).
     torch.manual_seed(0)
@@ -106,7 +118,7 @@ def test_cpu_training_attention_is_sdpa_for_decoders_with_grouped_heads():
     class Layer(torch.nn.Module):
         is_causal = True
 
-    out, _ = _cpu_training_attention(Layer().train(), q, k, v, None, dropout=0.0, use_cache=False)
+    out, _ = peftlab_attention(Layer().train(), q, k, v, None, dropout=0.0, use_cache=False)
     expected = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
     ).transpose(1, 2)
@@ -116,7 +128,7 @@ def test_cpu_training_attention_is_sdpa_for_decoders_with_grouped_heads():
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
     # An explicit (packed) causal mask: the same.
     mask = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 1, 6, 6)
-    masked, _ = _cpu_training_attention(Layer().train(), q, k, v, mask, dropout=0.0)
+    masked, _ = peftlab_attention(Layer().train(), q, k, v, mask, dropout=0.0)
     torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -132,7 +144,7 @@ def test_cpu_dropout_swaps_in_for_training_only_and_puts_everything_back(pretrai
     with torch.no_grad():
         expected = model(**batch).logits
         with cpu_dropout(model, cpu):
-            assert hf.config._attn_implementation == CPU_TRAINING_ATTENTION
+            assert hf.config._attn_implementation == PEFTLAB_ATTENTION
             assert all("forward" in vars(m) for m in dropouts)
             assert torch.equal(model(**batch).logits, expected), "evaluation is untouched"
             model.train()
@@ -144,3 +156,82 @@ def test_cpu_dropout_swaps_in_for_training_only_and_puts_everything_back(pretrai
     assert hf.config._attn_implementation == "sdpa" and not any("forward" in vars(m) for m in dropouts)
     with cpu_dropout(model, torch.device("meta")):  # not a CPU: nothing changes
         assert hf.config._attn_implementation == "sdpa" and not any("forward" in vars(m) for m in dropouts)
+
+
+def _texts_in_groups(lengths, groups, heads=4, kv_heads=4, dim=8, tail=3):
+    """q/k/v for texts of `lengths` laid out as PackCollator lays them out (groups of
+    (texts, width), each text left in its slot, `tail` padding tokens at the end), the
+    groups' masks as PackedForward makes them, and each text's own q/k/v."""
+    torch.manual_seed(0)
+    texts = [
+        (torch.randn(heads, n, dim), torch.randn(kv_heads, n, dim), torch.randn(kv_heads, n, dim)) for n in lengths
+    ]
+    total = sum(t * w for t, w in groups) + tail
+    q, k, v = (
+        torch.zeros(1, heads, total, dim),
+        torch.zeros(1, kv_heads, total, dim),
+        torch.zeros(1, kv_heads, total, dim),
+    )
+    masks, at, i = [], 0, 0
+    for count, width in groups:
+        mask = torch.zeros(count, 1, 1, width, dtype=torch.bool)
+        for slot in range(count):
+            n = lengths[i]
+            for full, part in zip((q, k, v), texts[i]):
+                full[0, :, at : at + n] = part
+            mask[slot, ..., :n] = True
+            at, i = at + width, i + 1
+        masks.append(mask)
+    return texts, (q, k, v), masks
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_groups_attend_each_text_alone(causal):
+    class Layer(torch.nn.Module):
+        is_causal = causal
+
+    lengths, groups = [7, 6, 3, 3, 1], [(2, 7), (3, 3)]
+    texts, (q, k, v), masks = _texts_in_groups(lengths, groups, heads=4, kv_heads=2 if causal else 4)
+    if causal:
+        masks = [m & torch.ones(w, w, dtype=torch.bool).tril() for m, (_, w) in zip(masks, groups)]
+    packed = [(t, w, m) for (t, w), m in zip(groups, masks)]
+    q.requires_grad_(True)
+    for training in (False, True):  # SDPA per group, then the matmul form the CPU trains with
+        layer = Layer().train(training)
+        out, _ = peftlab_attention(layer, q, k, v, None, dropout=0.0, packed_groups=packed)
+        assert out.shape == (1, q.shape[2], 4, 8)
+        at, i = 0, 0
+        for count, width in groups:
+            for _ in range(count):
+                tq, tk, tv = texts[i]
+                alone = torch.nn.functional.scaled_dot_product_attention(
+                    tq[None],
+                    tk.repeat_interleave(4 // tk.shape[0], 0)[None],
+                    tv.repeat_interleave(4 // tv.shape[0], 0)[None],
+                    is_causal=causal,
+                )
+                torch.testing.assert_close(out[0, at : at + lengths[i]], alone[0].transpose(0, 1), rtol=1e-5, atol=1e-6)
+                at, i = at + width, i + 1
+        assert not out[0, at:].any(), "the row's tail padding reads nothing"
+        # Gradients reach only each text's own tokens: nothing leaks across texts or from padding.
+        (grad,) = torch.autograd.grad(out[0, :7].sum(), q)
+        assert grad[0, :, :7].abs().sum() > 0 and not grad[0, :, 7:].any()
+
+
+def test_small_bf16_attention_blocks_run_in_fp32_and_come_back_bf16():
+    # Tiny blocks (a packed group of two short texts) are cheaper through fp32's kernels on a
+    # CPU; the result must still be the block's attention, in the activations' dtype.
+    class Layer(torch.nn.Module):
+        is_causal = False
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    mask[1, ..., 3:] = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = peftlab_attention(Layer().train(), q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, dropout=0.0)
+    assert out.dtype == torch.bfloat16
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), attn_mask=mask
+    ).transpose(1, 2)
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=0)

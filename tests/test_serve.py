@@ -372,7 +372,7 @@ def test_concurrent_requests_are_batched_and_answered_alike(runs, batching):
         running.close()
 
 
-def test_low_precision_weight_copies_give_autocast_s_very_values(runs):
+def test_low_precision_copies_stay_close_to_autocast_and_put_the_masters_back(runs):
     server = create_app({"sent": runs["sent"], "topic": runs["topic"]}, ServeSettings(precision="bf16")).state.peftlab
     assert server.low_weights is not None
     texts, _ = make_texts(5, seed=13)
@@ -384,8 +384,11 @@ def test_low_precision_weight_copies_give_autocast_s_very_values(runs):
         low, server.low_weights = server.low_weights, None
         autocast_only = server._forward(name, examples)
         server.low_weights = low
-        np.testing.assert_array_equal(copied, autocast_only)
-        assert len(low.plans[served.model]) >= 6  # base, LoRA and head weights were swapped
+        # Norms and embeddings in bf16 too (the residual stream stays bf16): close, not equal.
+        np.testing.assert_allclose(copied, autocast_only, atol=0.02, rtol=0)
+        assert (np.argmax(copied, -1) == np.argmax(autocast_only, -1)).all()
+        plan = low.plans[served.model]
+        assert len(plan) >= 6 and any(param.dim() == 1 for param, _, _ in plan)  # weights, biases and norms
     assert all(p.dtype == torch.float32 for p in served.model.parameters())  # the masters are back
 
 

@@ -18,6 +18,7 @@ import torch
 
 from peftlab.config import ModelConfig
 from peftlab.errors import PeftlabError
+from peftlab.runtime import restore_attention, use_peftlab_attention
 
 log = logging.getLogger("peftlab")
 
@@ -313,23 +314,27 @@ class PackedForward:
     Several texts share a row; attention must stay inside each text and each text must be
     pooled on its own token. The model is still called through its top-level forward (so
     peft, accelerate's autocast, DDP and the model's own loss all apply), with hooks that
-    (1) turn the batch's `sequence_ids` into a block-diagonal attention mask (causal too,
-    for decoders) and (2) replace the backbone's output by one hidden state per text: the
-    first token's for encoders, which then pass it through their own pooler and head; the
-    last token's for decoders, whose head would otherwise pool one token per *row*: their
-    top-level call gets a stand-in `input_ids` of one token per text, and the packed ids
-    go straight to the backbone. Batches without `sequence_ids` pass through untouched.
+    (1) pass the row's groups of texts (from `group_sizes` and `sequence_ids`: each group's
+    key-padding mask, causal too for decoders) to the attention layers, which run
+    `peftlab.runtime.peftlab_attention` while the hooks are on, and (2) replace the
+    backbone's output by one hidden state per text: the first token's for encoders, which
+    then pass it through their own pooler and head; the last token's for decoders, whose
+    head would otherwise pool one token per *row*: their top-level call gets a stand-in
+    `input_ids` of one token per text, and the packed ids go straight to the backbone.
+    Batches without `sequence_ids` pass through untouched (and attention is then the
+    model's own, or `cpu_dropout`'s).
 
-    `supported(model)` says why a model cannot pack (None: it can); `exact(...)` compares
-    packed and padded logits on real examples before packing is relied on.
+    `supported(model)` says why a model cannot pack (None: it can); `packing_gap` in the
+    engine compares packed and padded logits on real examples before packing is relied on.
     """
 
     def __init__(self, model):
         hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.model, self.config = model, hf.config
+        self.model, self.hf, self.config = model, hf, hf.config
         self.decoder = hasattr(hf, "score")  # decoders' heads are `score`, pooled on the last token
         backbone = getattr(hf, hf.base_model_prefix)
         self.packed = None  # the packed inputs of the call in progress
+        self.previous_attention = use_peftlab_attention(hf)
         self.handles = [model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)]
         if self.decoder:
             self.handles.append(backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
@@ -346,38 +351,41 @@ class PackedForward:
         backbone = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
         if backbone is None or (not hasattr(hf, "score") and _encoder_stack(backbone) is None):
             return f"{type(hf).__name__} has no backbone/encoder stack peftlab knows how to pool per text"
-        if hf.config._attn_implementation not in ("sdpa", "eager"):
-            return f"attention implementation {hf.config._attn_implementation!r} takes no custom mask"
+        attention = hf.config._attn_implementation
+        if attention not in ("sdpa", "eager", "peftlab") or not hf._can_set_attn_implementation():
+            return f"attention implementation {attention!r} cannot be swapped for peftlab's per-text attention"
         return None
 
-    def _mask(self, sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # Same text (padding counts as one more "text", so its rows stay finite and unread).
-        mask = sequence_ids[:, None, :, None] == sequence_ids[:, None, None, :]
-        if self.decoder:
-            width = sequence_ids.shape[1]
-            mask = mask & torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
-        if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
-            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        return mask
+    def _groups(self, sequence_ids: torch.Tensor, group_sizes: torch.Tensor) -> list:
+        """(texts, width, mask) per group: True where a query may look (its own text's real
+        tokens; causal for decoders)."""
+        groups, at = [], 0
+        real = sequence_ids[0] > 0
+        for texts, width in group_sizes.tolist():
+            mask = real[at : at + texts * width].view(texts, 1, 1, width)
+            if self.decoder:
+                mask = mask & torch.ones(width, width, dtype=torch.bool, device=mask.device).tril()
+            groups.append((texts, width, mask))
+            at += texts * width
+        return groups
 
     def _top_pre_hook(self, module, args, kwargs):
         if "sequence_ids" not in kwargs:
             self.packed = None
             return None
         sequence_ids, pool_index = kwargs.pop("sequence_ids"), kwargs.pop("pool_index")
-        dtype = next(module.parameters()).dtype
-        mask = self._mask(sequence_ids, dtype if dtype.is_floating_point else torch.float32)
+        groups = self._groups(sequence_ids, kwargs.pop("group_sizes"))
         self.packed = {"pool_index": pool_index}
         if self.decoder:
             ids = kwargs["input_ids"]
-            self.packed.update(input_ids=ids, attention_mask=mask, position_ids=kwargs.pop("position_ids"))
+            self.packed.update(input_ids=ids, packed_groups=groups, position_ids=kwargs.pop("position_ids"))
             # One stand-in token per text, never the pad id: the head then pools "token 0" of
             # each text's row of one, which the pool hook fills with the text's last token.
             stand_in = 1 if self.config.pad_token_id == 0 else 0
             kwargs["input_ids"] = torch.full((len(pool_index), 1), stand_in, dtype=ids.dtype, device=ids.device)
-            kwargs["attention_mask"] = None
         else:
-            kwargs["attention_mask"] = mask
+            kwargs["packed_groups"] = groups
+        kwargs["attention_mask"] = None
         return args, kwargs
 
     def _backbone_pre_hook(self, module, args, kwargs):
@@ -386,8 +394,9 @@ class PackedForward:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("input_ids", "attention_mask", "position_ids")}
         kwargs.update(
             input_ids=self.packed["input_ids"],
-            attention_mask=self.packed["attention_mask"],
+            attention_mask=None,
             position_ids=self.packed["position_ids"],
+            packed_groups=self.packed["packed_groups"],
             use_cache=False,
         )
         return (), kwargs
@@ -402,9 +411,12 @@ class PackedForward:
         return type(output)(**{**output, "last_hidden_state": pooled})
 
     def remove(self) -> None:
-        """Take the hooks off the model."""
+        """Take the hooks off the model and give it back its own attention."""
         for handle in self.handles:
             handle.remove()
+        self.handles = []
+        restore_attention(self.hf, self.previous_attention)
+        self.previous_attention = None
         self.packed = None
 
     def __enter__(self):

@@ -108,10 +108,17 @@ def autocast(device: torch.device, precision: str):
 
 
 class LowPrecisionWeights:
-    """bf16/fp16 copies of the frozen nn.Linear weights, made once and swapped in while a block
-    runs on a CPU (`swapped(model)`). Autocast would cast every weight again on every forward
-    pass: the very same values, at a cost that dominates small batches (MiniLM, one text:
-    about half the time; a training step: about an eighth). The fp32 weights stay the
+    """bf16/fp16 copies of every frozen floating-point parameter, made once and swapped in
+    while a block runs on a CPU (`swapped(model)`).
+
+    Autocast would cast every weight again on every forward pass: the very same values, at
+    a cost that dominates small batches (MiniLM, one text: about half the time; a training
+    step: about an eighth). The embeddings, biases and norms go too: autocast keeps a
+    LayerNorm in its input's dtype, so with them in bf16 the residual stream stays bf16 from
+    the embeddings to the head, as in a model loaded in bf16, instead of being fp32 between
+    matmuls and cast down again before each one (a fifth of an evaluation, a tenth of a
+    training step, besides halving the memory traffic of every elementwise op). Trainable
+    parameters (adapters, heads) stay fp32 under autocast. The fp32 frozen values stay the
     masters, so adapters can come and go (`forget()` after they do); not under DoRA, whose
     weight norm reads the base weights outside the matmuls. A serving process keeps one
     for its lifetime; a training run uses one for the run (`frozen_weights_cast`)."""
@@ -131,30 +138,29 @@ class LowPrecisionWeights:
         plan = self.plans.get(model)
         if plan is None:
             plan = self.plans[model] = self._plan(model)
-        for module, _, copy_ in plan:
-            module.weight.data = copy_
+        for param, _, copy_ in plan:
+            param.data = copy_
         try:
             yield
         finally:
-            for module, master, _ in plan:
-                module.weight.data = master
+            for param, master, _ in plan:
+                param.data = master
 
     def _plan(self, model) -> list:
         if any(getattr(m, "lora_magnitude_vector", None) for m in model.modules()):
             return []
         plan = []
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if type(module) is torch.nn.Linear and weight.dtype == torch.float32 and not weight.requires_grad:
-                master = weight.data
+        for param in model.parameters():  # each shared (tied) parameter once
+            if param.dtype == torch.float32 and not param.requires_grad:
+                master = param.data
                 copy_ = self.copies.setdefault(master.data_ptr(), master.to(self.dtype))
-                plan.append((module, master, copy_))
+                plan.append((param, master, copy_))
         return plan
 
 
 @contextlib.contextmanager
 def frozen_weights_cast(model: torch.nn.Module, device: torch.device, precision: str):
-    """Hold the frozen `nn.Linear` weights in bf16/fp16 while the block runs (CPU autocast):
+    """Hold the frozen parameters in bf16/fp16 while the block runs (CPU autocast):
     `LowPrecisionWeights` for one block. Not on GPUs, where the casts are cheap and memory
     is not."""
     if precision == "fp32" or device.type != "cpu":
@@ -201,6 +207,65 @@ def _dropout_forward(self, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.dropout(x, self.p, self.training, self.inplace)
 
 
+# Below this many score cells a bf16 attention block runs in fp32 on a CPU: oneDNN's bf16
+# batched matmul costs ~30 us a call whatever its size, MKL's fp32 one ~7 us, and the per-text
+# groups of a packed batch are small (two SMS texts: 24 x 40 x 40 cells). Measured on a Xeon
+# with AMX: a packed MiniLM step 1.12x faster; padded batches' blocks are larger and unchanged.
+SMALL_ATTENTION_CELLS = 2**18
+
+
+def _plain_attention(query, key, value, mask, dropout: float, scaling: float, fp32_softmax: bool):
+    """Attention as two matmuls and a softmax (`mask`: True where a query may look), with
+    `fast_dropout` on the probabilities; the 1 / (1 - p) goes on the output, W/head_dim
+    times smaller than the probabilities."""
+    cells = query.shape[:-1].numel() * key.shape[-2]
+    if query.dtype != torch.float32 and query.device.type == "cpu" and cells < SMALL_ATTENTION_CELLS:
+        with torch.autocast("cpu", enabled=False):
+            out = _plain_attention(query.float(), key.float(), value.float(), mask, dropout, scaling, fp32_softmax)
+        return out.to(query.dtype)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scaling
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32 if fp32_softmax else None).to(value.dtype)
+    if dropout == 0:
+        return torch.matmul(probs, value)
+    return torch.matmul(fast_dropout(probs, dropout, scale=False), value).mul_(dropout_scale(dropout))
+
+
+def _grouped_attention(module, query, key, value, groups, dropout: float, scaling):
+    """Attention over a `PackCollator` row: each group of texts is a [texts, width] block of
+    the row, attended as its own batch under its own mask (key padding, causal for
+    decoders), so no token sees another text and none pays for a longer text's width. On a
+    CPU in training the plain matmul form with fast dropout (as `peftlab_attention`);
+    else SDPA per group."""
+
+    heads, dim = query.shape[1], query.shape[-1]
+    if key.shape[1] != heads:  # grouped-query attention: each key/value head serves several
+        key, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, value))
+    scaling = dim**-0.5 if scaling is None else scaling
+    causal = getattr(module, "is_causal", False)
+    plain = module.training and query.device.type == "cpu"
+    q, k, v = query[0], key[0], value[0]  # [heads, tokens, dim]
+    outs, at = [], 0
+    for texts, width, mask in groups:
+        block = slice(at, at + texts * width)
+        at += texts * width
+        qg, kg, vg = (t[:, block].unflatten(1, (texts, width)).transpose(0, 1) for t in (q, k, v))
+        if plain:
+            out = _plain_attention(qg, kg, vg, mask, dropout, scaling, fp32_softmax=causal)
+        else:
+            p = dropout if module.training else 0.0
+            out = torch.nn.functional.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=mask, dropout_p=p, scale=scaling
+            )
+        outs.append(out.transpose(1, 2).reshape(texts * width, heads, dim))
+    if at < q.shape[1]:  # the row's tail padding: attended by nothing, read by nothing
+        outs.append(query.new_zeros(q.shape[1] - at, heads, dim))
+    return torch.cat(outs).unsqueeze(0), None
+
+
 # Arguments that do not change plain bidirectional self-attention (BERT passes these).
 _PLAIN_ATTENTION_KWARGS = {
     "encoder_hidden_states",
@@ -214,15 +279,29 @@ _PLAIN_ATTENTION_KWARGS = {
 MATH_ATTENTION_MAX_WIDTH = 1024  # rows wider than this keep SDPA's kernels without dropout (memory)
 
 
-def _cpu_training_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """An AttentionInterface function for training on a CPU: attention computed as matmuls
-    and a softmax, with `fast_dropout` on the probabilities. SDPA would take its math path
-    with the slow dropout (encoders), or, without dropout, its flash kernel, whose backward
-    under a packed causal mask cost 21 ms a layer on smollm2's short rows: a quarter of the
-    step. SDPA itself when evaluating, off a CPU, or for anything unusual."""
+def peftlab_attention(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, packed_groups=None, **kwargs
+):
+    """The attention function (transformers' AttentionInterface) peftlab runs its models with
+    while it trains or packs them (`cpu_dropout`, `peftlab.models.PackedForward`).
+
+    Packed rows (`packed_groups` from PackedForward): `_grouped_attention`. Otherwise, for
+    training on a CPU: attention as matmuls and a softmax, with `fast_dropout` on the
+    probabilities. SDPA would take its math path with the slow dropout (encoders), or,
+    without dropout, its flash kernel, whose backward under a causal mask cost 21 ms a layer
+    on smollm2's short rows: a quarter of the step. SDPA itself when evaluating, off a CPU,
+    or for anything unusual."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     unknown = any(v is not None and k not in _PLAIN_ATTENTION_KWARGS for k, v in kwargs.items())
+    if packed_groups is not None:
+        if unknown:
+            raise PeftlabError(
+                f"{type(module).__name__} passes attention options packing does not handle "
+                f"({', '.join(sorted(k for k, v in kwargs.items() if v is not None and k not in _PLAIN_ATTENTION_KWARGS))}):"
+                " use train.packing=never"
+            )
+        return _grouped_attention(module, query, key, value, packed_groups, dropout, scaling)
     if (
         unknown  # sliding windows, soft-capping, sinks...: SDPA's own handling
         or not module.training
@@ -242,31 +321,49 @@ def _cpu_training_attention(module, query, key, value, attention_mask, dropout: 
         attention_mask = torch.ones(query.shape[2], width, dtype=torch.bool, device=query.device).tril(
             width - query.shape[2]
         )
-    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    elif attention_mask is not None:
-        scores = scores + attention_mask
     # As each family's own eager attention does: decoders (Llama...) take the softmax in fp32,
     # BERT-style encoders in the scores' dtype.
-    probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32 if causal else None).to(value.dtype)
-    if dropout == 0:
-        return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
-    # Dropped, not yet scaled: 1 / (1 - p) goes on the output, W/head_dim times smaller.
-    out = torch.matmul(fast_dropout(probs, dropout, scale=False), value).mul_(dropout_scale(dropout))
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out = _plain_attention(query, key, value, attention_mask, dropout, scaling, fp32_softmax=causal)
     return out.transpose(1, 2).contiguous(), None
 
 
-CPU_TRAINING_ATTENTION = "peftlab_cpu_training"
+PEFTLAB_ATTENTION = "peftlab"
+
+
+def use_peftlab_attention(hf_model) -> str | None:
+    """Run `hf_model` (a transformers model) with `peftlab_attention`; returns the
+    implementation to put back afterwards, or None where the model cannot switch (it does
+    not dispatch through transformers' attention interface, or runs something other than
+    SDPA/eager, e.g. flash attention, which peftlab leaves alone)."""
+    config = getattr(hf_model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == PEFTLAB_ATTENTION:
+        return PEFTLAB_ATTENTION
+    if current not in ("sdpa", "eager") or not getattr(hf_model, "_can_set_attn_implementation", lambda: False)():
+        return None
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PEFTLAB_ATTENTION, peftlab_attention)
+    AttentionMaskInterface.register(PEFTLAB_ATTENTION, sdpa_mask)  # the very masks SDPA gets
+    hf_model.set_attn_implementation(PEFTLAB_ATTENTION)
+    return current
+
+
+def restore_attention(hf_model, previous: str | None) -> None:
+    """Undo `use_peftlab_attention` (previous: what it returned)."""
+    if previous not in (None, PEFTLAB_ATTENTION) and hf_model.config._attn_implementation == PEFTLAB_ATTENTION:
+        hf_model.set_attn_implementation(previous)
 
 
 @contextlib.contextmanager
 def cpu_dropout(model: torch.nn.Module, device: torch.device):
     """Dropout through `fast_dropout` while the block trains `model` on a CPU: every
     nn.Dropout (the model's and the adapters', e.g. LoRA's) and, where the model runs SDPA,
-    the attention probabilities'. The same rates and distribution; a MiniLM + LoRA step
-    spends a fifth of its time in dropout's random numbers otherwise. Not on GPUs, whose
-    dropout is fused and cheap."""
+    the attention probabilities' (`peftlab_attention`). The same rates and distribution; a
+    MiniLM + LoRA step spends a fifth of its time in dropout's random numbers otherwise. Not
+    on GPUs, whose dropout is fused and cheap."""
     if device.type != "cpu":
         yield
         return
@@ -274,21 +371,13 @@ def cpu_dropout(model: torch.nn.Module, device: torch.device):
     for m in dropouts:
         m.forward = _dropout_forward.__get__(m)
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
-    attention = getattr(getattr(hf, "config", None), "_attn_implementation", None)
-    if attention == "sdpa" and getattr(hf, "_can_set_attn_implementation", lambda: False)():
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-        AttentionInterface.register(CPU_TRAINING_ATTENTION, _cpu_training_attention)
-        AttentionMaskInterface.register(CPU_TRAINING_ATTENTION, sdpa_mask)  # the very masks SDPA gets
-        hf.set_attn_implementation(CPU_TRAINING_ATTENTION)
+    previous = use_peftlab_attention(hf) if getattr(hf.config, "_attn_implementation", None) == "sdpa" else None
     try:
         yield
     finally:
         for m in dropouts:
             del m.forward
-        if attention == "sdpa" and hf.config._attn_implementation == CPU_TRAINING_ATTENTION:
-            hf.set_attn_implementation("sdpa")
+        restore_attention(hf, previous)
 
 
 def gather_objects(obj) -> list:

@@ -6,6 +6,7 @@ each batch's class mix near the whole set's (see `LengthGroupedBatchSampler`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -135,61 +136,82 @@ def label_skew(batches: list[list[int]], labels: Sequence[int]) -> float:
 
 
 class PackCollator:
-    """Padding-free batches: the batch's texts packed into as few rows as fit.
+    """Padding-free batches: the batch's texts side by side in one row, in groups of similar length.
 
-    Each row is as wide as the batch's longest text (rounded up to a multiple of 8); texts
-    are placed longest first into the first row with room for them. Positions restart at 0
-    for each text, and `sequence_ids` numbers the texts of a row from 1 (0: padding), so the
-    model can confine attention to each text (`peftlab.models.PackedForward`).
-    `pool_index` holds, in the order the examples were given (the order of `labels`), the
-    flat row*width index of each text's pooled token: its first for encoders (`[CLS]`), its
-    last for decoders (`pool="last"`).
+    The texts are sorted longest first and cut into a few groups (`groups`); inside a group
+    each text takes a slot as wide as the group's longest, so the row holds the real tokens
+    plus the little padding of ragged groups, and its tail is padded to a multiple of
+    `multiple` (fewer distinct shapes for the matmul kernels to prepare). Every token-wise
+    layer (the matmuls, norms, dropout) then works on about the real tokens of the batch,
+    whatever its mix of lengths, and attention runs per group on its own [texts, width,
+    width] block (`peftlab.runtime.peftlab_attention`): no token attends across texts, and
+    none pays for a longer text's width. Positions restart at 0 for each text, and
+    `sequence_ids` numbers the texts from 1 (0: padding). `group_sizes` holds each group's
+    (texts, width). `pool_index` holds, in the order the examples were given (the order of
+    `labels`), the flat index of each text's pooled token: its first for encoders
+    (`[CLS]`), its last for decoders (`pool="last"`).
     """
 
-    def __init__(self, pad_token_id: int, pool: str = "first", multiple: int = 8):
+    # A group's fixed cost (its own attention kernels in every layer), in token-cells: with
+    # it a batch of 16 short texts makes one to three groups.
+    GROUP_COST = 3000
+    TOKEN_COST = 48  # a token's share of the token-wise layers, in attention cells
+
+    def __init__(self, pad_token_id: int, pool: str = "first", multiple: int = 32):
         if pool not in ("first", "last"):
             raise ValueError(f"pool must be 'first' or 'last', not {pool!r}")
         self.pad_token_id = pad_token_id
         self.pool = pool
         self.multiple = multiple
 
-    def rows(self, lengths: Sequence[int]) -> tuple[int, list[tuple[int, int]]]:
-        """The row width and, per example, its (row, start): first-fit, longest first."""
-        width = -(-max(lengths) // self.multiple) * self.multiple
-        free: list[int] = []  # room left in each row
-        place = [(0, 0)] * len(lengths)
-        for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-            row = next((r for r, room in enumerate(free) if room >= lengths[i]), None)
-            if row is None:
-                row = len(free)
-                free.append(width)
-            place[i] = (row, width - free[row])
-            free[row] -= lengths[i]
-        return width, place
+    @classmethod
+    def groups(cls, lengths: Sequence[int]) -> list[tuple[int, int]]:
+        """Cut `lengths` (sorted longest first) into groups [(start, end)] that minimise
+        what the batch costs: each text's slot (the group's longest) in the token-wise layers
+        and in attention (its square), plus a fixed cost per group. Exact, by dynamic
+        programming over the cut points (n^2 for a batch of n)."""
+        n = len(lengths)
+        best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+        for end in range(1, n + 1):
+            for start in range(end):
+                width = lengths[start]
+                cost = best[start] + (end - start) * (cls.TOKEN_COST * width + width * width) + cls.GROUP_COST
+                if cost < best[end]:
+                    best[end], cut[end] = cost, start
+        spans, end = [], n
+        while end > 0:
+            spans.append((cut[end], end))
+            end = cut[end]
+        return spans[::-1]
 
     def __call__(self, examples: list[dict]) -> dict:
         lengths = [len(e["input_ids"]) for e in examples]
-        width, place = self.rows(lengths)
-        n_rows = 1 + max(row for row, _ in place)
-        input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)
-        position_ids = torch.zeros((n_rows, width), dtype=torch.long)
-        sequence_ids = torch.zeros((n_rows, width), dtype=torch.long)
-        token_type_ids = torch.zeros((n_rows, width), dtype=torch.long) if "token_type_ids" in examples[0] else None
+        order = sorted(range(len(examples)), key=lambda i: -lengths[i])
+        spans = self.groups([lengths[i] for i in order])
+        slots = sum((end - start) * lengths[order[start]] for start, end in spans)
+        total = -(-slots // self.multiple) * self.multiple
+        input_ids = torch.full((1, total), self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros((1, total), dtype=torch.long)
+        sequence_ids = torch.zeros((1, total), dtype=torch.long)
+        token_type_ids = torch.zeros((1, total), dtype=torch.long) if "token_type_ids" in examples[0] else None
         pool_index = torch.empty(len(examples), dtype=torch.long)
-        texts_in_row = [0] * n_rows
-        for i, (example, (row, start)) in enumerate(zip(examples, place)):
-            span = slice(start, start + lengths[i])
-            texts_in_row[row] += 1
-            input_ids[row, span] = torch.as_tensor(example["input_ids"], dtype=torch.long)
-            position_ids[row, span] = torch.arange(lengths[i])
-            sequence_ids[row, span] = texts_in_row[row]
-            if token_type_ids is not None:
-                token_type_ids[row, span] = torch.as_tensor(example["token_type_ids"], dtype=torch.long)
-            pool_index[i] = row * width + (start if self.pool == "first" else start + lengths[i] - 1)
+        at = 0
+        for start, end in spans:
+            width = lengths[order[start]]
+            for i in order[start:end]:
+                span = slice(at, at + lengths[i])
+                input_ids[0, span] = torch.as_tensor(examples[i]["input_ids"], dtype=torch.long)
+                position_ids[0, span] = torch.arange(lengths[i])
+                sequence_ids[0, span] = i + 1
+                if token_type_ids is not None:
+                    token_type_ids[0, span] = torch.as_tensor(examples[i]["token_type_ids"], dtype=torch.long)
+                pool_index[i] = at if self.pool == "first" else at + lengths[i] - 1
+                at += width
         batch = {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "sequence_ids": sequence_ids,
+            "group_sizes": torch.tensor([(end - start, lengths[order[start]]) for start, end in spans]),
             "pool_index": pool_index,
         }
         if token_type_ids is not None:

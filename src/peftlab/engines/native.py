@@ -181,18 +181,23 @@ def _packing(model, dataset: TokenizedDataset, collator: PadCollator, mode: str,
     if why is None:
         packing = PackedForward(model)
         sample = [dataset[i] for i in range(min(8, len(dataset)))]
-        gap = packing_gap(model, sample, collator, _pack_collator(packing, collator))
+        try:
+            gap = packing_gap(model, sample, collator, _pack_collator(packing, collator))
+        except PeftlabError as exc:  # e.g. attention options the per-text attention does not take
+            gap, why = math.inf, str(exc)
         # fp32 sums in another order differ by ~1e-6; a wrong mask or pooled token by far more.
         tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
         if gap > tolerance:
             packing.remove()
-            packing, why = None, f"packed logits differ from padded ones by {gap:.2g} on this model"
+            packing, why = None, why or f"packed logits differ from padded ones by {gap:.2g} on this model"
     if why is not None:
         if mode == "always":
             raise PeftlabError(f"train.packing=always, but {why}: use packing=auto or packing=never")
         log.info("packing: off (%s)", why)
         return None
-    log.info("packing: on (each batch's texts share rows; attention stays inside each text)")
+    log.info(
+        "packing: on (each batch's texts share one row, in groups of similar length; attention stays inside each text)"
+    )
     return packing
 
 
