@@ -242,3 +242,40 @@ def test_methods_that_cannot_pack_train_padded_or_say_why(tiny_cfg, packing, cap
         summary = train_native(model, train, collate, cfg, "fp32")
     assert "packing: off (prompt-learning methods prepend virtual tokens" in caplog.text
     assert summary.steps == 2
+
+
+def test_evaluation_packs_where_it_can_and_gives_the_padded_logits(tiny_cfg):
+    from peftlab.engines.native import predict_logits
+    from peftlab.models import PackedForward
+
+    bundle, model, collate, train, test = _setup(tiny_cfg)
+    model = apply_method(model, tiny_cfg.method)
+    for name, p in model.named_parameters():  # LoRA's B starts at zero: give the adapter a say
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.2)
+    model.eval()
+    with torch.no_grad():
+        padded = np.concatenate(
+            [
+                model(
+                    **{
+                        k: v
+                        for k, v in collate([test[i] for i in range(s, min(s + 16, len(test)))]).items()
+                        if k != "labels"
+                    }
+                ).logits.numpy()
+                for s in range(0, len(test), 16)
+            ]
+        )
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append("sequence_ids" in kw), with_kwargs=True)
+    packed = predict_logits(model, test, collate, 16, "fp32")
+    hook.remove()
+    assert seen[2:] and all(seen[2:]), "after the packed-vs-padded check, every batch was packed"
+    np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=0)
+    assert PackedForward.active(model) is None, "its own hooks are off again"
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    # Under a training run's hooks, evaluation uses them instead of adding a second set.
+    with PackedForward(model) as outer:
+        np.testing.assert_allclose(predict_logits(model, test, collate, 16, "fp32"), padded, atol=1e-5, rtol=0)
+        assert PackedForward.active(model) is outer and len(outer.handles) > 0

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -308,6 +309,9 @@ def set_model_dropout(model, p: float) -> None:
     log.info("model dropout set to %g", p)
 
 
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its PackedForward
+
+
 class PackedForward:
     """Lets a sequence-classification model take `PackCollator` batches, exactly.
 
@@ -335,12 +339,18 @@ class PackedForward:
         backbone = getattr(hf, hf.base_model_prefix)
         self.packed = None  # the packed inputs of the call in progress
         self.previous_attention = use_peftlab_attention(hf)
+        _ACTIVE[model] = self
         self.handles = [model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)]
         if self.decoder:
             self.handles.append(backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
             self.handles.append(backbone.register_forward_hook(self._pool_hook))
         else:
             self.handles.append(_encoder_stack(backbone).register_forward_hook(self._pool_hook))
+
+    @staticmethod
+    def active(model) -> PackedForward | None:
+        """The PackedForward whose hooks are on `model` now, if any (one at a time)."""
+        return _ACTIVE.get(model)
 
     @staticmethod
     def supported(model) -> str | None:
@@ -415,6 +425,8 @@ class PackedForward:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if _ACTIVE.get(self.model) is self:
+            del _ACTIVE[self.model]
         restore_attention(self.hf, self.previous_attention)
         self.previous_attention = None
         self.packed = None

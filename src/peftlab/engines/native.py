@@ -8,6 +8,7 @@ same batch order and the same dropout masks as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -506,7 +507,8 @@ def predict_logits(
 ) -> np.ndarray:
     """Logits (float32, shape [n, num_labels]) in dataset order.
 
-    Batches are formed longest-first so each is padded only to its own longest text.
+    Batches are formed longest-first and packed where the model takes them (`_eval_packing`),
+    else each is padded to its own longest text.
     """
     import torch.distributed as dist
 
@@ -521,9 +523,11 @@ def predict_logits(
         batches = batches[dist.get_rank() :: dist.get_world_size()]
     out = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
     start = time.perf_counter()
-    with autocast(device, precision), frozen_weights_cast(model, device, precision):
+    # Packing's check against padding runs (in fp32) before autocast and the bf16 weights.
+    packing = _eval_packing(model, dataset, collator)
+    with packing as collate, autocast(device, precision), frozen_weights_cast(model, device, precision):
         for indices in tqdm(batches, desc=desc, leave=False, disable=None):
-            batch = collator([dataset[i] for i in indices])
+            batch = collate([dataset[i] for i in indices])
             batch.pop("labels", None)
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             out[indices] = logits.float().cpu().numpy()
@@ -534,6 +538,34 @@ def predict_logits(
     log.debug("%s: %d examples in %.1fs", desc, len(dataset), time.perf_counter() - start)
     model.train(was_training)
     return out
+
+
+@contextlib.contextmanager
+def _eval_packing(model, dataset: TokenizedDataset, collator: PadCollator):
+    """The collate function evaluation uses: packed batches where the model takes them (the
+    training run's PackedForward if its hooks are on, else hooks for this evaluation,
+    checked against padding on the first examples first, in fp32), else `collator`. Sorted
+    batches still pad each text to its batch's longest rounded up to 8; packed ones do not
+    (MiniLM on the SMS test split, bf16: 1.18x, forward passes interleaved)."""
+    packing = PackedForward.active(model)
+    own = None
+    if packing is None and PackedForward.supported(model) is None and len(dataset) > 1:
+        own = PackedForward(model)
+        try:
+            gap = packing_gap(
+                model, [dataset[i] for i in range(min(8, len(dataset)))], collator, _pack_collator(own, collator)
+            )
+        except PeftlabError:
+            gap = math.inf
+        if gap > (1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2):
+            own.remove()
+            own = None
+        packing = own
+    try:
+        yield collator if packing is None else _pack_collator(packing, collator)
+    finally:
+        if own is not None:
+            own.remove()
 
 
 def evaluate(
