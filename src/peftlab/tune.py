@@ -374,6 +374,12 @@ class _Objective:
     def __call__(self, trial) -> float:
         from peftlab.experiment import run_experiment
 
+        # A heartbeat now, from this thread: Optuna's heartbeat thread writes its first one
+        # concurrently, and a worker killed before that left its trial "running" for good
+        # (fail_stale_trials only fails trials that have a stale heartbeat).
+        storage = trial.study._storage
+        if getattr(storage, "get_heartbeat_interval", lambda: None)():
+            storage.record_heartbeat(trial._trial_id)
         chosen = suggest(trial, self.params)
         cfg = trial_config(
             self.base, chosen, trial.number, self.tune_dir, len(self.bundle.train), self.tune.evals_per_epoch
