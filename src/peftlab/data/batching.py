@@ -169,19 +169,24 @@ class PackCollator:
         """Cut `lengths` (sorted longest first) into groups [(start, end)] that minimise
         what the batch costs: each text's slot (the group's longest) in the token-wise layers
         and in attention (its square), plus a fixed cost per group. Exact, by dynamic
-        programming over the cut points (n^2 for a batch of n)."""
+        programming over the cut points; only where the length changes, since a cut inside
+        a run of equal lengths adds a group and saves nothing (runs^2 steps: a serving batch
+        of 800 short texts has a few dozen runs)."""
         n = len(lengths)
-        best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
-        for end in range(1, n + 1):
-            for start in range(end):
-                width = lengths[start]
-                cost = best[start] + (end - start) * (cls.TOKEN_COST * width + width * width) + cls.GROUP_COST
-                if cost < best[end]:
-                    best[end], cut[end] = cost, start
-        spans, end = [], n
-        while end > 0:
-            spans.append((cut[end], end))
-            end = cut[end]
+        if n == 0:
+            return []
+        cuts = [0] + [i for i in range(1, n) if lengths[i] != lengths[i - 1]] + [n]
+        best, back = [0.0] + [math.inf] * (len(cuts) - 1), [0] * len(cuts)
+        for j in range(1, len(cuts)):
+            for i in range(j):
+                width, texts = lengths[cuts[i]], cuts[j] - cuts[i]
+                cost = best[i] + texts * (cls.TOKEN_COST * width + width * width) + cls.GROUP_COST
+                if cost < best[j]:
+                    best[j], back[j] = cost, i
+        spans, j = [], len(cuts) - 1
+        while j > 0:
+            spans.append((cuts[back[j]], cuts[j]))
+            j = back[j]
         return spans[::-1]
 
     def __call__(self, examples: list[dict]) -> dict:

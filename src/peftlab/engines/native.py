@@ -181,16 +181,10 @@ def _packing(model, dataset: TokenizedDataset, collator: PadCollator, mode: str,
     packing = None
     if why is None:
         packing = PackedForward(model)
-        sample = [dataset[i] for i in range(min(8, len(dataset)))]
-        try:
-            gap = packing_gap(model, sample, collator, _pack_collator(packing, collator))
-        except PeftlabError as exc:  # e.g. attention options the per-text attention does not take
-            gap, why = math.inf, str(exc)
-        # fp32 sums in another order differ by ~1e-6; a wrong mask or pooled token by far more.
-        tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
-        if gap > tolerance:
+        why = _packing_mismatch(model, dataset, collator, packing)
+        if why is not None:
             packing.remove()
-            packing, why = None, why or f"packed logits differ from padded ones by {gap:.2g} on this model"
+            packing = None
     if why is not None:
         if mode == "always":
             raise PeftlabError(f"train.packing=always, but {why}: use packing=auto or packing=never")
@@ -200,6 +194,19 @@ def _packing(model, dataset: TokenizedDataset, collator: PadCollator, mode: str,
         "packing: on (each batch's texts share one row, in groups of similar length; attention stays inside each text)"
     )
     return packing
+
+
+def _packing_mismatch(model, dataset: TokenizedDataset, collator: PadCollator, packing: PackedForward) -> str | None:
+    """Why `model` (with `packing`'s hooks on) cannot be trusted with packed batches, judged on
+    the dataset's first examples; None when packed logits equal padded ones."""
+    sample = [dataset[i] for i in range(min(8, len(dataset)))]
+    try:
+        gap = packing_gap(model, sample, collator, _pack_collator(packing, collator))
+    except PeftlabError as exc:  # e.g. attention options the per-text attention does not take
+        return str(exc)
+    # fp32 sums in another order differ by ~1e-6; a wrong mask or pooled token by far more.
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
+    return None if gap <= tolerance else f"packed logits differ from padded ones by {gap:.2g} on this model"
 
 
 @torch.no_grad()
@@ -551,13 +558,7 @@ def _eval_packing(model, dataset: TokenizedDataset, collator: PadCollator):
     own = None
     if packing is None and PackedForward.supported(model) is None and len(dataset) > 1:
         own = PackedForward(model)
-        try:
-            gap = packing_gap(
-                model, [dataset[i] for i in range(min(8, len(dataset)))], collator, _pack_collator(own, collator)
-            )
-        except PeftlabError:
-            gap = math.inf
-        if gap > (1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2):
+        if _packing_mismatch(model, dataset, collator, own) is not None:
             own.remove()
             own = None
         packing = own
