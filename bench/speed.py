@@ -267,7 +267,9 @@ def main() -> None:
         f"eval={args.max_eval_samples}"
     )
     rates = {d: matmul_rate(d) for d in ("fp32", "bf16")}
-    print(f"# matmul 1024^3: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s")
+    print(
+        f"# matmul 1024^3: fp32 {rates['fp32'] / 1e9:.1f} GFLOP/s, bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s", flush=True
+    )
 
     def spawn(variant):
         cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:]]
@@ -275,7 +277,10 @@ def main() -> None:
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"variant {variant} failed:\n{out.stderr[-3000:]}")
-        return json.loads(line[7:])
+        result = json.loads(line[7:])
+        # Each variant's raw figures as soon as it ends: a run stopped later keeps them.
+        print(f"# {time.strftime('%H:%M')} {variant}: {json.dumps(result)}", flush=True)
+        return result
 
     facts = spawn("facts")
     results = {v: spawn(v) for v in args.variants.split(",")}

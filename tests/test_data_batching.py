@@ -1,5 +1,7 @@
 """Batching: padding to a multiple of 8, length-grouped and stratified batches, packed batches."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,36 @@ def test_packed_batches_hold_every_text_once_with_its_own_positions(pool):
         "groups longest first, as wide as their longest"
     )
     assert batch["labels"].tolist() == [i % 3 for i in range(len(lengths))], "labels in the order given"
+
+
+def test_token_batches_cover_every_text_once_longest_first_within_the_budget():
+    from peftlab.data import token_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=200).tolist() + [90]  # one text longer than the budget
+    batches = token_batches(lengths, budget=80)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths))), "every text exactly once"
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True), "longest first"
+    assert batches[0] == [200], "a text longer than the budget goes alone"
+    assert all(sum(lengths[i] for i in b) <= 80 for b in batches[1:])
+    # Greedy: the next batch's first text would not have fitted in the one before.
+    assert all(sum(lengths[i] for i in a) + lengths[b[0]] > 80 for a, b in itertools.pairwise(batches))
+
+
+def test_pack_collator_pads_its_row_to_row_tokens():
+    from peftlab.data import PackCollator
+
+    examples = _examples([9, 7, 3])
+    plain = PackCollator(pad_token_id=0)(examples)
+    fixed = PackCollator(pad_token_id=0, row_tokens=96)(examples)
+    assert plain["input_ids"].shape == (1, 32) and fixed["input_ids"].shape == (1, 96)
+    for key in ("input_ids", "position_ids", "sequence_ids"):
+        assert torch.equal(fixed[key][:, :32], plain[key]) and not fixed[key][:, 32:].any(), key
+    assert torch.equal(fixed["pool_index"], plain["pool_index"])
+    assert torch.equal(fixed["group_sizes"], plain["group_sizes"])
+    # A row that needs more than row_tokens keeps its own (rounded) length.
+    assert PackCollator(pad_token_id=0, row_tokens=8)(examples)["input_ids"].shape == (1, 32)
 
 
 def test_pack_groups_are_the_cheapest_cut_of_the_sorted_lengths():

@@ -9,6 +9,7 @@ from peftlab.methods import apply_method
 from peftlab.models import load_model
 from peftlab.runtime import (
     PEFTLAB_ATTENTION,
+    PackedGroups,
     autocast,
     bernoulli_keep,
     cpu_dropout,
@@ -216,6 +217,31 @@ def test_packed_groups_attend_each_text_alone(causal):
         # Gradients reach only each text's own tokens: nothing leaks across texts or from padding.
         (grad,) = torch.autograd.grad(out[0, :7].sum(), q)
         assert grad[0, :, :7].abs().sum() > 0 and not grad[0, :, 7:].any()
+
+
+def test_packed_groups_share_masks_across_layers_and_small_bf16_rows_run_in_fp32():
+    # Every layer of one forward pass gets the same PackedGroups: the additive masks are made
+    # once, and a bf16 row whose blocks are all small goes through fp32 once, coming back bf16.
+    class Layer(torch.nn.Module):
+        is_causal = False
+
+    lengths, groups = [7, 6, 3, 3, 1], [(2, 7), (3, 3)]
+    texts, (q, k, v), masks = _texts_in_groups(lengths, groups)
+    packed = PackedGroups((t, w, m) for (t, w), m in zip(groups, masks))
+    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    layer = Layer().train()
+    reference, _ = peftlab_attention(
+        layer, q16.float(), k16.float(), v16.float(), None, dropout=0.0, packed_groups=list(packed)
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first, _ = peftlab_attention(layer, q16, k16, v16, None, dropout=0.0, packed_groups=packed)
+        made = dict(packed.additive)
+        second, _ = peftlab_attention(layer, q16, k16, v16, None, dropout=0.0, packed_groups=packed)
+    assert first.dtype == torch.bfloat16
+    torch.testing.assert_close(first.float(), reference, atol=1e-2, rtol=0)
+    assert torch.equal(first, second)
+    assert set(made) == {(0, torch.float32), (1, torch.float32)}, "one fp32 mask per group"
+    assert all(packed.additive[key] is mask for key, mask in made.items()), "the second layer reuses them"
 
 
 def test_small_bf16_attention_blocks_run_in_fp32_and_come_back_bf16():

@@ -267,11 +267,14 @@ def test_evaluation_packs_where_it_can_and_gives_the_padded_logits(tiny_cfg):
                 for s in range(0, len(test), 16)
             ]
         )
-    seen = []
-    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append("sequence_ids" in kw), with_kwargs=True)
+    seen, rows = [], []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append("sequence_ids" in kw) or rows.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
     packed = predict_logits(model, test, collate, 16, "fp32")
     hook.remove()
     assert seen[2:] and all(seen[2:]), "after the packed-vs-padded check, every batch was packed"
+    assert len(rows[2:]) > 2 and len(set(rows[2:-1])) == 1, "packed rows of one length (the last aside)"
     np.testing.assert_allclose(packed, padded, atol=1e-5, rtol=0)
     assert PackedForward.active(model) is None, "its own hooks are off again"
     assert model.get_base_model().config._attn_implementation == "sdpa"

@@ -19,7 +19,7 @@ import torch
 
 from peftlab.config import ModelConfig
 from peftlab.errors import PeftlabError
-from peftlab.runtime import restore_attention, use_peftlab_attention
+from peftlab.runtime import PackedGroups, restore_attention, use_peftlab_attention
 
 log = logging.getLogger("peftlab")
 
@@ -369,7 +369,7 @@ class PackedForward:
     def _groups(self, sequence_ids: torch.Tensor, group_sizes: torch.Tensor) -> list:
         """(texts, width, mask) per group: True where a query may look (its own text's real
         tokens; causal for decoders)."""
-        groups, at = [], 0
+        groups, at = PackedGroups(), 0
         real = sequence_ids[0] > 0
         for texts, width in group_sizes.tolist():
             mask = real[at : at + texts * width].view(texts, 1, 1, width)

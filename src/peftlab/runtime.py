@@ -234,12 +234,40 @@ def _plain_attention(query, key, value, mask, dropout: float, scaling: float, fp
     return torch.matmul(fast_dropout(probs, dropout, scale=False), value).mul_(dropout_scale(dropout))
 
 
+class PackedGroups(list):
+    """A packed row's groups, [(texts, width, mask)] (mask: True where a query may look), as
+    `peftlab.models.PackedForward` hands them to every attention layer of one forward pass;
+    each mask's additive form is made once per dtype and shared by all layers."""
+
+    def __init__(self, groups=()):
+        super().__init__(groups)
+        self.additive: dict = {}
+
+
+def _additive_mask(groups, i: int, dtype: torch.dtype) -> torch.Tensor:
+    """Group i's mask as 0 / dtype-min to add to the scores: one op forward, none backward,
+    where masked_fill with the inverted mask is two and one."""
+    cache = getattr(groups, "additive", None)
+    if cache is not None and (i, dtype) in cache:
+        return cache[i, dtype]
+    mask = groups[i][2]
+    out = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    if cache is not None:
+        cache[i, dtype] = out
+    return out
+
+
 def _grouped_attention(module, query, key, value, groups, dropout: float, scaling):
     """Attention over a `PackCollator` row: each group of texts is a [texts, width] block of
     the row, attended as its own batch under its own mask (key padding, causal for
     decoders), so no token sees another text and none pays for a longer text's width. On a
     CPU in training the plain matmul form with fast dropout (as `peftlab_attention`);
-    else SDPA per group."""
+    else SDPA per group.
+
+    The row is split once (`split`'s backward is one concatenation; slicing per group cost
+    a zero-filled gradient of the whole row per group) and, when every block is small
+    enough for fp32 to be the faster kernel (`SMALL_ATTENTION_CELLS`), cast to fp32 once
+    for all groups rather than per group."""
 
     heads, dim = query.shape[1], query.shape[-1]
     if key.shape[1] != heads:  # grouped-query attention: each key/value head serves several
@@ -247,23 +275,35 @@ def _grouped_attention(module, query, key, value, groups, dropout: float, scalin
     scaling = dim**-0.5 if scaling is None else scaling
     causal = getattr(module, "is_causal", False)
     plain = module.training and query.device.type == "cpu"
-    q, k, v = query[0], key[0], value[0]  # [heads, tokens, dim]
-    outs, at = [], 0
-    for texts, width, mask in groups:
-        block = slice(at, at + texts * width)
-        at += texts * width
-        qg, kg, vg = (t[:, block].unflatten(1, (texts, width)).transpose(0, 1) for t in (q, k, v))
-        if plain:
-            out = _plain_attention(qg, kg, vg, mask, dropout, scaling, fp32_softmax=causal)
-        else:
-            p = dropout if module.training else 0.0
-            out = torch.nn.functional.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=mask, dropout_p=p, scale=scaling
-            )
-        outs.append(out.transpose(1, 2).reshape(texts * width, heads, dim))
-    if at < q.shape[1]:  # the row's tail padding: attended by nothing, read by nothing
-        outs.append(query.new_zeros(q.shape[1] - at, heads, dim))
-    return torch.cat(outs).unsqueeze(0), None
+    sizes = [texts * width for texts, width, _ in groups]
+    tail = query.shape[2] - sum(sizes)
+    fp32 = (
+        plain
+        and query.dtype != torch.float32
+        and all(texts * heads * width * width < SMALL_ATTENTION_CELLS for texts, width, _ in groups)
+    )
+    with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+        # [heads, tokens, dim] per group
+        rows = [
+            (t[0].float() if fp32 else t[0]).split([*sizes, tail] if tail else sizes, dim=1)
+            for t in (query, key, value)
+        ]
+        outs = []
+        for i, (texts, width, mask) in enumerate(groups):
+            qg, kg, vg = (r[i].unflatten(1, (texts, width)).transpose(0, 1) for r in rows)
+            if plain:
+                mask = _additive_mask(groups, i, qg.dtype)
+                out = _plain_attention(qg, kg, vg, mask, dropout, scaling, fp32_softmax=causal)
+            else:
+                p = dropout if module.training else 0.0
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    qg, kg, vg, attn_mask=mask, dropout_p=p, scale=scaling
+                )
+            outs.append(out.transpose(1, 2).reshape(texts * width, heads, dim))
+        if tail:  # the row's tail padding: attended by nothing, read by nothing
+            outs.append(rows[0][-1].new_zeros(tail, heads, dim))
+        out = torch.cat(outs)
+    return out.to(query.dtype).unsqueeze(0), None
 
 
 # Arguments that do not change plain bidirectional self-attention (BERT passes these).

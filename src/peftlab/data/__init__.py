@@ -5,7 +5,7 @@ sources.py finds and reads the raw tables; prepare.py turns them into a `DataBun
 batching.py pads or packs them and groups them into batches.
 """
 
-from peftlab.data.batching import LengthGroupedBatchSampler, PackCollator, PadCollator, label_skew
+from peftlab.data.batching import LengthGroupedBatchSampler, PackCollator, PadCollator, label_skew, token_batches
 from peftlab.data.bundle import DataBundle, Split
 from peftlab.data.prepare import load_data, stratified_split
 from peftlab.data.tokens import TokenizedDataset, tokenize, tokenize_split
@@ -20,6 +20,7 @@ __all__ = [
     "label_skew",
     "load_data",
     "stratified_split",
+    "token_batches",
     "tokenize",
     "tokenize_split",
 ]

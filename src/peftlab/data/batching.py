@@ -123,6 +123,22 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
         return -(-len(self.lengths) // self.batch_size)
 
 
+def token_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices longest first, cut into batches of at most `budget` tokens each (a text
+    longer than that alone): evaluation's packed rows. Rows of about one size let the
+    matmul kernels a CPU builds per shape be built once, where batches of a fixed count of
+    sorted texts make a new shape for every batch (a one-pass evaluation paid 5-20% for it)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches, current, used = [], [], 0
+    for i in order.tolist():
+        if current and used + lengths[i] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    return batches + [current] if current else batches
+
+
 def label_skew(batches: list[list[int]], labels: Sequence[int]) -> float:
     """Mean distance (total variation) between each batch's label mix and the whole set's:
     0 when every batch has the overall proportions. Random batches of 16 from a 13%
@@ -157,12 +173,13 @@ class PackCollator:
     GROUP_COST = 3000
     TOKEN_COST = 48  # a token's share of the token-wise layers, in attention cells
 
-    def __init__(self, pad_token_id: int, pool: str = "first", multiple: int = 32):
+    def __init__(self, pad_token_id: int, pool: str = "first", multiple: int = 32, row_tokens: int | None = None):
         if pool not in ("first", "last"):
             raise ValueError(f"pool must be 'first' or 'last', not {pool!r}")
         self.pad_token_id = pad_token_id
         self.pool = pool
         self.multiple = multiple
+        self.row_tokens = row_tokens  # pad every row to at least this (token_batches' rows: one shape)
 
     @classmethod
     def groups(cls, lengths: Sequence[int]) -> list[tuple[int, int]]:
@@ -194,7 +211,7 @@ class PackCollator:
         order = sorted(range(len(examples)), key=lambda i: -lengths[i])
         spans = self.groups([lengths[i] for i in order])
         slots = sum((end - start) * lengths[order[start]] for start, end in spans)
-        total = -(-slots // self.multiple) * self.multiple
+        total = max(-(-slots // self.multiple) * self.multiple, self.row_tokens or 0)
         input_ids = torch.full((1, total), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((1, total), dtype=torch.long)
         sequence_ids = torch.zeros((1, total), dtype=torch.long)

@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 from peftlab import checkpoint
 from peftlab.checkpoint import TrainState
 from peftlab.config import RunConfig
-from peftlab.data import LengthGroupedBatchSampler, PackCollator, PadCollator, TokenizedDataset, label_skew
+from peftlab.data import (
+    LengthGroupedBatchSampler,
+    PackCollator,
+    PadCollator,
+    TokenizedDataset,
+    label_skew,
+    token_batches,
+)
 from peftlab.errors import PeftlabError
 from peftlab.methods import prepare_step_hook
 from peftlab.metrics import append_metrics_log, compute_metrics
@@ -522,17 +529,17 @@ def predict_logits(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = list(LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False))
-    # Under several processes each evaluates every N-th batch and the logits are gathered:
-    # every example is counted exactly once, with no padding of the last shard.
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed:
-        batches = batches[dist.get_rank() :: dist.get_world_size()]
     out = np.zeros((len(dataset), model.config.num_labels), dtype=np.float32)
     start = time.perf_counter()
     # Packing's check against padding runs (in fp32) before autocast and the bf16 weights.
     packing = _eval_packing(model, dataset, collator)
     with packing as collate, autocast(device, precision), frozen_weights_cast(model, device, precision):
+        batches = _eval_batches(dataset, batch_size, collate)
+        # Under several processes each evaluates every N-th batch and the logits are gathered:
+        # every example is counted exactly once, with no padding of the last shard.
+        if distributed:
+            batches = batches[dist.get_rank() :: dist.get_world_size()]
         for indices in tqdm(batches, desc=desc, leave=False, disable=None):
             batch = collate([dataset[i] for i in indices])
             batch.pop("labels", None)
@@ -545,6 +552,21 @@ def predict_logits(
     log.debug("%s: %d examples in %.1fs", desc, len(dataset), time.perf_counter() - start)
     model.train(was_training)
     return out
+
+
+def _eval_batches(dataset: TokenizedDataset, batch_size: int, collate) -> list[list[int]]:
+    """Evaluation's batches, longest first: `batch_size` texts each when padded; when packed,
+    rows of about `batch_size` texts of the mean length (`token_batches`), all padded to one
+    length (the last aside), so a CPU's matmul kernels are built for one shape, not one per
+    batch (SMS test split, MiniLM, bf16: see bench/README.md)."""
+    if not isinstance(collate, PackCollator):
+        return list(LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False))
+    lengths = dataset.lengths
+    budget = max(max(lengths), round(batch_size * sum(lengths) / len(lengths)))
+    budget = -(-budget // collate.multiple) * collate.multiple
+    # A row's slots add a little to its texts' tokens (ragged groups): room for that.
+    collate.row_tokens = budget + 2 * collate.multiple
+    return token_batches(lengths, budget)
 
 
 @contextlib.contextmanager
