@@ -229,7 +229,9 @@ class TrainConfig:
         "bench/README.md); 0: always 2 epochs.",
     )
     batch_size: int = _f(16, "Training batch size.")
-    eval_batch_size: int = _f(64, "Evaluation batch size.")
+    eval_batch_size: int = _f(
+        64, "Evaluation batch size (packed evaluation: rows of this many texts of the mean length, in tokens)."
+    )
     lr: float | None = _f(
         None,
         "Peak learning rate; default per method (its `lr` in peftlab.methods.registry): 1e-3 for most of the lora "
