@@ -535,7 +535,7 @@ def predict_logits(
     # Packing's check against padding runs (in fp32) before autocast and the bf16 weights.
     packing = _eval_packing(model, dataset, collator)
     with packing as collate, autocast(device, precision), frozen_weights_cast(model, device, precision):
-        batches = _eval_batches(dataset, batch_size, collate)
+        batches, collate = _eval_batches(dataset, batch_size, collate)
         # Under several processes each evaluates every N-th batch and the logits are gathered:
         # every example is counted exactly once, with no padding of the last shard.
         if distributed:
@@ -554,19 +554,20 @@ def predict_logits(
     return out
 
 
-def _eval_batches(dataset: TokenizedDataset, batch_size: int, collate) -> list[list[int]]:
-    """Evaluation's batches, longest first: `batch_size` texts each when padded; when packed,
-    rows of about `batch_size` texts of the mean length (`token_batches`), all padded to one
-    length (the last aside), so a CPU's matmul kernels are built for one shape, not one per
-    batch (SMS test split, MiniLM, bf16: see bench/README.md)."""
-    if not isinstance(collate, PackCollator):
-        return list(LengthGroupedBatchSampler(dataset.lengths, batch_size, shuffle=False))
+def _eval_batches(dataset: TokenizedDataset, batch_size: int, collate) -> tuple[list[list[int]], Callable]:
+    """Evaluation's batches, longest first, and the collate function for them: `batch_size`
+    texts each when padded; when packed, rows of about `batch_size` texts of the mean length
+    (`token_batches`), all padded to one length (the last aside), so a CPU's matmul kernels
+    are built for one shape, not one per batch (SMS test split, MiniLM, bf16: see
+    bench/README.md)."""
     lengths = dataset.lengths
+    if not isinstance(collate, PackCollator) or not len(lengths):
+        return list(LengthGroupedBatchSampler(lengths, batch_size, shuffle=False)), collate
     budget = max(max(lengths), round(batch_size * sum(lengths) / len(lengths)))
     budget = -(-budget // collate.multiple) * collate.multiple
     # A row's slots add a little to its texts' tokens (ragged groups): room for that.
-    collate.row_tokens = budget + 2 * collate.multiple
-    return token_batches(lengths, budget)
+    rows = PackCollator(collate.pad_token_id, collate.pool, collate.multiple, row_tokens=budget + 2 * collate.multiple)
+    return token_batches(lengths, budget), rows
 
 
 @contextlib.contextmanager
