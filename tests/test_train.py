@@ -282,3 +282,23 @@ def test_evaluation_packs_where_it_can_and_gives_the_padded_logits(tiny_cfg):
     with PackedForward(model) as outer:
         np.testing.assert_allclose(predict_logits(model, test, collate, 16, "fp32"), padded, atol=1e-5, rtol=0)
         assert PackedForward.active(model) is outer and len(outer.handles) > 0
+
+
+def test_a_model_is_checked_for_packing_once_per_structure(tiny_cfg, monkeypatch):
+    """The packed-vs-padded check (two fp32 passes) runs once for a model, not for every
+    evaluation; adding modules (another adapter) makes it run again."""
+    from peft import LoraConfig
+
+    import peftlab.engines.native as native
+
+    bundle, model, collate, train, test = _setup(tiny_cfg)
+    model = apply_method(model, tiny_cfg.method)
+    calls, real = [], native.packing_gap
+    monkeypatch.setattr(native, "packing_gap", lambda *a: calls.append(1) or real(*a))
+    first = native.predict_logits(model, test, collate, 16, "fp32")
+    again = native.predict_logits(model, test, collate, 16, "fp32")
+    assert len(calls) == 1
+    np.testing.assert_allclose(again, first, atol=1e-6, rtol=0)
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["query"]))
+    native.predict_logits(model, test, collate, 16, "fp32")
+    assert len(calls) == 2, "another structure: checked again"

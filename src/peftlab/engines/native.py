@@ -14,6 +14,7 @@ import logging
 import math
 import signal
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from peftlab.data import (
     token_batches,
 )
 from peftlab.errors import PeftlabError
+from peftlab.fastpath import lean_layers
 from peftlab.methods import prepare_step_hook
 from peftlab.metrics import append_metrics_log, compute_metrics
 from peftlab.models import PackedForward
@@ -203,17 +205,31 @@ def _packing(model, dataset: TokenizedDataset, collator: PadCollator, mode: str,
     return packing
 
 
+# model -> (its structure when checked, the verdict): a run checks its model once, not again
+# for each evaluation (two fp32 passes, 0.1 s: 6% of evaluating the SMS test split).
+_PACKING_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _packing_mismatch(model, dataset: TokenizedDataset, collator: PadCollator, packing: PackedForward) -> str | None:
     """Why `model` (with `packing`'s hooks on) cannot be trusted with packed batches, judged on
-    the dataset's first examples; None when packed logits equal padded ones."""
+    the dataset's first examples; None when packed logits equal padded ones. Judged once per
+    model and structure (its modules and dtype): whether packing is exact does not depend on
+    the weights' values, which training changes."""
+    dtype = next(model.parameters()).dtype
+    structure = (dtype, sum(1 for _ in model.modules()))
+    known = _PACKING_VERDICTS.get(model)
+    if known is not None and known[0] == structure:
+        return known[1]
     sample = [dataset[i] for i in range(min(8, len(dataset)))]
     try:
         gap = packing_gap(model, sample, collator, _pack_collator(packing, collator))
+        # fp32 sums in another order differ by ~1e-6; a wrong mask or pooled token by far more.
+        tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+        why = None if gap <= tolerance else f"packed logits differ from padded ones by {gap:.2g} on this model"
     except PeftlabError as exc:  # e.g. attention options the per-text attention does not take
-        return str(exc)
-    # fp32 sums in another order differ by ~1e-6; a wrong mask or pooled token by far more.
-    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
-    return None if gap <= tolerance else f"packed logits differ from padded ones by {gap:.2g} on this model"
+        why = str(exc)
+    _PACKING_VERDICTS[model] = (structure, why)
+    return why
 
 
 @torch.no_grad()
@@ -273,6 +289,8 @@ class _Loop:
         self.metrics_path, self.checkpoint_dir, self.validate_fn = metrics_path, checkpoint_dir, validate
         self.world, self.main = run.accelerator.num_processes, run.accelerator.is_main_process
         self.after_step = prepare_step_hook(run.plain, run.total)
+        # Clipping walks the parameters it is given: the trainable ones, not every frozen one.
+        self.trainable = [p for p in run.model.parameters() if p.requires_grad]
         # Reading the loss or the token count would sync host and device every step: keep
         # detached sums and read them only when logging, checkpointing or validating.
         self.running, self.running_n, self.unread_tokens = None, 0, None
@@ -289,7 +307,7 @@ class _Loop:
         run.accelerator.backward(loss)
         # clip, step, schedule
         if self.tc.max_grad_norm:
-            run.accelerator.clip_grad_norm_(run.model.parameters(), self.tc.max_grad_norm)
+            run.accelerator.clip_grad_norm_(self.trainable, self.tc.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         if self.after_step is not None:  # AdaLoRA: needs this step's gradients, so before zero_grad
@@ -484,7 +502,8 @@ def _train(model, dataset, collator, cfg, precision, metrics_path, checkpoint_di
     bar = tqdm(total=run.total, initial=state.step, desc="train", disable=None if loop.main else True)
     cast = frozen_weights_cast(run.plain, run.accelerator.device, precision)
     dropout = cpu_dropout(run.plain, run.accelerator.device)
-    with _StopRequest() as interrupt, bar, cast, dropout:
+    lean = contextlib.nullcontext() if tc.compile else lean_layers(run.plain, run.accelerator.device)
+    with _StopRequest() as interrupt, bar, cast, dropout, lean:
         while state.step < run.total and not state.early_stopped:
             # accelerate's loader re-sets the sampler's epoch from its own counter when iteration
             # starts (one process) or not at all (several: the sampler sits inside its shard
@@ -534,7 +553,8 @@ def predict_logits(
     start = time.perf_counter()
     # Packing's check against padding runs (in fp32) before autocast and the bf16 weights.
     packing = _eval_packing(model, dataset, collator)
-    with packing as collate, autocast(device, precision), frozen_weights_cast(model, device, precision):
+    cast = frozen_weights_cast(model, device, precision)
+    with packing as collate, autocast(device, precision), cast, lean_layers(model, device):
         batches, collate = _eval_batches(dataset, batch_size, collate)
         # Under several processes each evaluates every N-th batch and the logits are gathered:
         # every example is counted exactly once, with no padding of the last shard.
