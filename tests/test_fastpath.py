@@ -89,7 +89,9 @@ def test_a_projection_called_on_another_input_computes_alone():
         torch.testing.assert_close(out, m(x))
     assert group.pending is None
     group.forward(0, x)
-    torch.testing.assert_close(group.forward(2, y), linears[2](y)), "another input: not the kept output"
+    torch.testing.assert_close(group.forward(2, y), linears[2](y))  # another input: not the kept output
+    x.mul_(2)  # changed in place after the first projection read it
+    torch.testing.assert_close(group.forward(1, x), linears[1](x))
 
 
 def test_projections_that_train_or_carry_other_adapters_are_not_fused(pretrained_encoder):

@@ -76,7 +76,7 @@ class FusedProjections:
         self.wrappers = wrappers or []  # LoRA layers around them: merging edits the weights in place
         self.sizes = [m.out_features for m in linears]
         self.joined = None  # (the weights' data pointers, joined weight, joined bias)
-        self.pending = None  # (input, outputs, indices still to hand out, grad mode)
+        self.pending = None  # (input, outputs, indices still to hand out, (grad mode, input version))
 
     @staticmethod
     def fusable(linears) -> bool:
@@ -103,7 +103,12 @@ class FusedProjections:
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         pending = self.pending
-        if pending is not None and pending[0] is x and index in pending[2] and pending[3] == torch.is_grad_enabled():
+        if (
+            pending is not None
+            and pending[0] is x
+            and index in pending[2]
+            and pending[3] == (torch.is_grad_enabled(), x._version)  # same mode, x not changed in place
+        ):
             pending[2].discard(index)
             if not pending[2]:
                 self.pending = None
@@ -116,7 +121,7 @@ class FusedProjections:
             return F.linear(x, m.weight, m.bias)
         weight, bias = self._weights()
         outs = F.linear(x, weight, bias).split(self.sizes, dim=-1)
-        self.pending = (x, outs, set(range(1, len(outs))), torch.is_grad_enabled())
+        self.pending = (x, outs, set(range(1, len(outs))), (torch.is_grad_enabled(), x._version))
         return outs[0]
 
 
