@@ -65,7 +65,7 @@ def test_lean_layers_train_as_peft_and_the_model_do(kind, pretrained_encoder, pr
 def test_fused_projections_serve_q_k_and_v_from_one_matmul(pretrained_decoder):
     model, batch = _model(pretrained_decoder, dropout=0.0)
     model.eval()
-    with torch.no_grad():
+    with torch.inference_mode():  # as evaluation runs it: inference tensors keep no versions
         expected = model(**batch).logits
         fused = fuse_projections(model)
         assert len(fused) == model.config.num_hidden_layers

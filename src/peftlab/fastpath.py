@@ -107,7 +107,7 @@ class FusedProjections:
             pending is not None
             and pending[0] is x
             and index in pending[2]
-            and pending[3] == (torch.is_grad_enabled(), x._version)  # same mode, x not changed in place
+            and pending[3] == _state(x)  # same grad mode, x not changed in place since
         ):
             pending[2].discard(index)
             if not pending[2]:
@@ -121,8 +121,14 @@ class FusedProjections:
             return F.linear(x, m.weight, m.bias)
         weight, bias = self._weights()
         outs = F.linear(x, weight, bias).split(self.sizes, dim=-1)
-        self.pending = (x, outs, set(range(1, len(outs))), (torch.is_grad_enabled(), x._version))
+        self.pending = (x, outs, set(range(1, len(outs))), _state(x))
         return outs[0]
+
+
+def _state(x: torch.Tensor) -> tuple:
+    """The grad mode and `x`'s version counter (bumped by in-place changes; inference tensors
+    have none, and are not changed in place by the supported models)."""
+    return torch.is_grad_enabled(), None if x.is_inference() else x._version
 
 
 def _projection_base(module):
