@@ -22,7 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from peftlab.runtime import bernoulli_keep, dropout_scale
+from peftlab.runtime import dropout_scale, fast_dropout
 
 # Self-attention's three input projections, as the supported families name them (BERT and
 # RoBERTa; Llama, OPT and SmolLM; DistilBERT). Each is called on the same hidden states.
@@ -56,7 +56,7 @@ def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not torch.is_autocast_enabled(x.device.type):
         x = self._cast_input_dtype(x, lora_A.weight.dtype)  # as peft; under autocast the matmul casts
     if self.training and type(dropout) is torch.nn.Dropout and 0 < dropout.p < 1:
-        x = x * bernoulli_keep(x.shape, dropout.p, x)
+        x = fast_dropout(x, dropout.p, scale=False)
         scaling = scaling * dropout_scale(dropout.p)  # r values a token to scale, not hidden-size ones
     elif self.training:
         x = dropout(x)
