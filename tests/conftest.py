@@ -59,6 +59,8 @@ def build_tiny_model(path: Path, kind: str) -> Path:
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
+        DistilBertConfig,
+        DistilBertForSequenceClassification,
         LlamaConfig,
         LlamaForSequenceClassification,
     )
@@ -75,6 +77,18 @@ def build_tiny_model(path: Path, kind: str) -> Path:
             pad_token_id=0,
         )
         model = BertForSequenceClassification(config)
+    elif kind == "distilbert":  # its own layer layout: the output projection inside self-attention
+        config = DistilBertConfig(
+            vocab_size=len(VOCAB),
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            hidden_dim=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            initializer_range=0.5,  # texts whose logits differ visibly, untrained
+        )
+        model = DistilBertForSequenceClassification(config)
     else:
         config = LlamaConfig(
             vocab_size=len(VOCAB),
@@ -90,7 +104,7 @@ def build_tiny_model(path: Path, kind: str) -> Path:
         )
         model = LlamaForSequenceClassification(config)
     model.save_pretrained(path)
-    _tokenizer(kind).save_pretrained(path)
+    _tokenizer("decoder" if kind == "decoder" else "encoder").save_pretrained(path)
     return path
 
 
@@ -155,6 +169,11 @@ def token_cache_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_encoder(tmp_path_factory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "encoder"))
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory) -> str:
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-distilbert"), "distilbert"))
 
 
 @pytest.fixture(scope="session")

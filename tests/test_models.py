@@ -84,11 +84,14 @@ def test_gguf_base_loads_as_an_ordinary_trainable_model():
     validate_quantization_for_training(model)  # what Trainer checks: raises for a quantized base
 
 
-@pytest.mark.parametrize("kind", ["encoder", "decoder"])
-def test_a_text_gets_the_same_logits_alone_and_packed_with_others(kind, pretrained_encoder, pretrained_decoder):
+@pytest.mark.parametrize("kind", ["encoder", "distilbert", "decoder"])
+def test_a_text_gets_the_same_logits_alone_and_packed_with_others(
+    kind, pretrained_encoder, pretrained_decoder, tiny_distilbert
+):
     """Packing is exact: attention stays inside each text, positions restart, and each text
     is pooled on its own token (first for encoders, last for decoders), in evaluation and
-    in training (loss and gradients), through a peft model as the engine calls it."""
+    in training (loss and gradients), through a peft model as the engine calls it. An
+    encoder's last layer runs on the pooled tokens alone (BERT's layout and DistilBERT's)."""
     from conftest import make_texts
 
     from peftlab.config import MethodConfig
@@ -96,7 +99,7 @@ def test_a_text_gets_the_same_logits_alone_and_packed_with_others(kind, pretrain
     from peftlab.methods import apply_method
     from peftlab.models import PackedForward, set_model_dropout
 
-    path = pretrained_encoder if kind == "encoder" else pretrained_decoder
+    path = {"encoder": pretrained_encoder, "decoder": pretrained_decoder, "distilbert": tiny_distilbert}[kind]
     torch.manual_seed(0)
     model, tok, _ = load_model(ModelConfig(name=path), 2)
     set_model_dropout(model, 0.0)  # training mode without randomness, so both paths can be compared
@@ -107,6 +110,10 @@ def test_a_text_gets_the_same_logits_alone_and_packed_with_others(kind, pretrain
     texts, labels = make_texts(10, seed=4)
     examples = [{"input_ids": tok(t)["input_ids"], "labels": int(y == "positive")} for t, y in zip(texts, labels)]
     packing = PackedForward(model)
+    last_tokens = []  # tokens the last layer put out, per call
+    if kind != "decoder":
+        assert packing.last is not None, "the encoder's last layer runs on pooled tokens"
+        packing.last[0].register_forward_hook(lambda m, a, out: last_tokens.append(out.shape[:-1].numel()))
     packer = PackCollator(tok.pad_token_id, pool="last" if kind == "decoder" else "first")
     packed = packer(examples)
     assert packed["input_ids"].shape[0] < len(examples), "several texts share a row"
@@ -115,6 +122,8 @@ def test_a_text_gets_the_same_logits_alone_and_packed_with_others(kind, pretrain
     with torch.no_grad():
         alone = torch.cat([model(**PadCollator(tok.pad_token_id)([e])).logits for e in examples])
         together = model(**packed).logits
+        if kind != "decoder":
+            assert last_tokens[-1] == len(examples), "one token per text through the last layer"
         padded = model(**PadCollator(tok.pad_token_id, tok.padding_side)(examples)).logits
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=0)
@@ -134,3 +143,30 @@ def test_a_text_gets_the_same_logits_alone_and_packed_with_others(kind, pretrain
     packing.remove()
     with torch.no_grad():
         torch.testing.assert_close(model(**PadCollator(tok.pad_token_id)([examples[0]])).logits, alone[:1])
+
+
+def test_the_last_layer_keeps_the_whole_row_where_pooling_it_would_be_wrong(tiny_encoder):
+    """Only a last layer of its own, with absolute positions, that feeds its input straight
+    to self-attention runs on pooled tokens; a block that changes the input first is
+    refused with the fix (the engine then trains padded), not computed wrongly."""
+    from peftlab.data import PackCollator
+    from peftlab.errors import PeftlabError
+    from peftlab.models import PackedForward, _poolable_last_layer
+
+    model, tok, _ = load_model(ModelConfig(name=tiny_encoder), 2)
+    encoder = model.bert.encoder
+    assert _poolable_last_layer(encoder) is not None
+    shared = torch.nn.Module()
+    shared.layer = torch.nn.ModuleList([encoder.layer[0], encoder.layer[0]])  # ALBERT-style sharing
+    assert _poolable_last_layer(shared) is None
+    model.config.position_embedding_type = "relative_key"
+    assert _poolable_last_layer(encoder) is None
+    model.config.position_embedding_type = "absolute"
+
+    model.eval()
+    examples = [{"input_ids": tok(t)["input_ids"]} for t in ("good w1 w2", "bad w3", "fine w4 w5 w6")]
+    with PackedForward(model):
+        # a stand-in for a pre-norm block: the self-attention reads a transformed copy
+        encoder.layer[-1].attention.register_forward_pre_hook(lambda m, args: (args[0] * 1.0, *args[1:]))
+        with pytest.raises(PeftlabError, match="packing=never"), torch.no_grad():
+            model(**PackCollator(tok.pad_token_id)(examples))

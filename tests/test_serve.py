@@ -143,6 +143,25 @@ def test_each_adapter_answers_as_predict_does(served, runs):
     assert len(server.thread_tokenizers) == 1
 
 
+def test_a_model_that_packing_refuses_is_served_padded(runs, monkeypatch):
+    """A model layout the packed path refuses (a PeftlabError from the packed-vs-padded check)
+    is served with padded batches, and answers as predict does, instead of failing requests."""
+    import peftlab.serve as serve_module
+
+    def refuse(*args, **kwargs):
+        raise PeftlabError("this layout cannot run packed: use train.packing=never")
+
+    monkeypatch.setattr(serve_module, "packing_gap", refuse)
+    running = Running(create_app({"sent": runs["sent"]}, ServeSettings(**LIMITS, **FP32)))
+    try:
+        texts, _ = make_texts(6, seed=3)
+        _assert_same(_classify(running.client, "sent", texts), _predictor(runs["sent"])(texts))
+        server = running.app.state.peftlab
+        assert server.packers[server.registry.adapters["sent"].model] is None
+    finally:
+        running.close()
+
+
 def test_predict_speaks_tei_with_the_default_adapter(served, runs):
     texts = ["w1 good w2", "w3 bad"]
     want = _predictor(runs["sent"])(texts)

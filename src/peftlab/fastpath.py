@@ -12,7 +12,7 @@ math as the code it replaces:
 
 Measured on a Xeon with AMX (bf16), MiniLM + LoRA, packed SMS steps interleaved in one
 process: the LoRA layers 1.06x, the fused projections 1.03x on top (bench/README.md, "Leaner
-layers"). Below the engines; imports runtime."""
+layers"). Below the engines; imports models and runtime."""
 
 from __future__ import annotations
 
@@ -22,11 +22,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from peftlab.models import QKV_NAMES
 from peftlab.runtime import dropout_scale, fast_dropout
-
-# Self-attention's three input projections, as the supported families name them (BERT and
-# RoBERTa; Llama, OPT and SmolLM; DistilBERT). Each is called on the same hidden states.
-QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
 
 
 def _lora_linear_class():

@@ -7,6 +7,7 @@ the user, and logged.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -19,7 +20,11 @@ import torch
 
 from peftlab.config import ModelConfig
 from peftlab.errors import PeftlabError
-from peftlab.runtime import PackedGroups, restore_attention, use_peftlab_attention
+from peftlab.runtime import PackedGroups, pooled_attention, restore_attention, use_peftlab_attention
+
+# Self-attention's three input projections, as the supported families name them (BERT and
+# RoBERTa; Llama, OPT and SmolLM; DistilBERT). Each is called on the same hidden states.
+QKV_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin"))
 
 log = logging.getLogger("peftlab")
 
@@ -328,6 +333,13 @@ class PackedForward:
     Batches without `sequence_ids` pass through untouched (and attention is then the
     model's own, or `cpu_dropout`'s).
 
+    (3) On encoders whose last layer is a plain post-norm block (BERT, RoBERTa, MiniLM,
+    DistilBERT: `_poolable_last_layer`), that layer runs on the pooled tokens alone: only
+    they reach the head, so its queries, output projection, feed-forward block and norms
+    skip every other token, and only its keys and values read the whole row (each pooled
+    token attending to its own text). A MiniLM step spends about a sixth of its time in
+    its last layer; the logits are the same.
+
     `supported(model)` says why a model cannot pack (None: it can); `packing_gap` in the
     engine compares packed and padded logits on real examples before packing is relied on.
     """
@@ -338,6 +350,7 @@ class PackedForward:
         self.decoder = hasattr(hf, "score")  # decoders' heads are `score`, pooled on the last token
         backbone = getattr(hf, hf.base_model_prefix)
         self.packed = None  # the packed inputs of the call in progress
+        self.last = None  # (last layer, its self-attention, q/k/v names) when it runs on pooled tokens
         self.previous_attention = use_peftlab_attention(hf)
         _ACTIVE[model] = self
         self.handles = [model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True)]
@@ -345,7 +358,13 @@ class PackedForward:
             self.handles.append(backbone.register_forward_pre_hook(self._backbone_pre_hook, with_kwargs=True))
             self.handles.append(backbone.register_forward_hook(self._pool_hook))
         else:
-            self.handles.append(_encoder_stack(backbone).register_forward_hook(self._pool_hook))
+            stack = _encoder_stack(backbone)
+            self.handles.append(stack.register_forward_hook(self._pool_hook))
+            self.last = _poolable_last_layer(stack)
+        if self.last is not None:
+            layer, attention, names = self.last
+            self.handles.append(layer.register_forward_pre_hook(self._last_layer_pre_hook, with_kwargs=True))
+            attention.forward = functools.partial(self._pooled_self_attention, attention, names)
 
     @staticmethod
     def active(model) -> PackedForward | None:
@@ -395,6 +414,9 @@ class PackedForward:
             kwargs["input_ids"] = torch.full((len(pool_index), 1), stand_in, dtype=ids.dtype, device=ids.device)
         else:
             kwargs["packed_groups"] = groups
+            if self.last is not None:  # [texts, row]: where each text's pooled token may look
+                texts = torch.arange(1, len(pool_index) + 1, device=sequence_ids.device)
+                self.packed["query_mask"] = sequence_ids[0].unsqueeze(0) == texts.unsqueeze(1)
         kwargs["attention_mask"] = None
         return args, kwargs
 
@@ -411,11 +433,48 @@ class PackedForward:
         )
         return (), kwargs
 
+    def _last_layer_pre_hook(self, module, args, kwargs):
+        """The last layer's input: the pooled tokens only, in the examples' order; the whole
+        row is kept for its keys and values (`_pooled_self_attention`)."""
+        if self.packed is None or "query_mask" not in self.packed:
+            return None
+        full = args[0] if args else kwargs.pop("hidden_states")
+        pooled = full[:, self.packed["pool_index"]]
+        self.packed.update(full=full, pooled=pooled)
+        return (pooled, *args[1:]), kwargs
+
+    def _pooled_self_attention(self, module, names, hidden_states, *args, **kwargs):
+        """The last layer's self-attention while it runs on pooled tokens: their queries, the
+        whole row's keys and values. Returns what the module's own forward does ([1, texts,
+        hidden], no weights); DistilBERT's output projection sits inside its self-attention."""
+        packed = self.packed
+        if packed is None or "pooled" not in packed:
+            return type(module).forward(module, hidden_states, *args, **kwargs)
+        if hidden_states is not packed["pooled"]:
+            raise PeftlabError(
+                f"{type(module).__name__} does not read its layer's input directly, so its last layer cannot"
+                " run on pooled tokens: use train.packing=never"
+            )
+        query, key, value = (getattr(module, n) for n in names)
+        full, size = packed["full"], module.attention_head_size
+        q, k, v = (
+            t.view(*t.shape[:-1], -1, size).transpose(1, 2) for t in (query(hidden_states), key(full), value(full))
+        )
+        dropout = module.dropout.p if module.training else 0.0
+        out = pooled_attention(q, k, v, packed["query_mask"], dropout, module.scaling, module.training)
+        out = out.reshape(*hidden_states.shape[:-1], -1)
+        if hasattr(module, "out_lin"):
+            out = module.out_lin(out)
+        return out, None
+
     def _pool_hook(self, module, args, output):
         if self.packed is None:
             return None
         hidden = output[0]
-        pooled = hidden.reshape(-1, hidden.shape[-1])[self.packed["pool_index"]].unsqueeze(1)
+        if "pooled" in self.packed:  # the last layer ran on the pooled tokens, in order
+            pooled = hidden[0].unsqueeze(1)
+        else:
+            pooled = hidden.reshape(-1, hidden.shape[-1])[self.packed["pool_index"]].unsqueeze(1)
         if isinstance(output, tuple):
             return (pooled, *output[1:])
         return type(output)(**{**output, "last_hidden_state": pooled})
@@ -425,6 +484,9 @@ class PackedForward:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if self.last is not None:
+            del self.last[1].forward
+            self.last = None
         if _ACTIVE.get(self.model) is self:
             del _ACTIVE[self.model]
         restore_attention(self.hf, self.previous_attention)
@@ -446,3 +508,31 @@ def _encoder_stack(backbone):
         if isinstance(module, torch.nn.Module):
             return module
     return None
+
+
+def _poolable_last_layer(stack) -> tuple | None:
+    """(layer, self-attention, its q/k/v names) when `stack`'s last layer may run on the pooled
+    tokens alone (`PackedForward`): a post-norm block of its own (not shared, as ALBERT's
+    are), with no cross-attention, chunked feed-forward or relative positions, whose
+    self-attention is BERT's or DistilBERT's (projections by the known names, head size,
+    scaling, dropout). Anything else keeps the whole row; a block that turns out to
+    transform its input before attention is refused at run time."""
+    layers = getattr(stack, "layer", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        return None
+    last = layers[-1]
+    attention = getattr(last, "attention", None)
+    attention = getattr(attention, "self", attention)
+    if attention is None or not all(hasattr(attention, a) for a in ("attention_head_size", "scaling", "dropout")):
+        return None
+    if (
+        sum(layer is last for layer in layers) != 1
+        or getattr(last, "add_cross_attention", False)
+        or getattr(last, "chunk_size_feed_forward", 0)
+        or getattr(getattr(attention, "config", None), "position_embedding_type", "absolute") != "absolute"
+    ):
+        return None
+    names = next((n for n in QKV_NAMES if all(hasattr(attention, a) for a in n)), None)
+    if names is None or getattr(attention, "is_causal", False) or "forward" in vars(attention):
+        return None
+    return last, attention, names

@@ -307,6 +307,21 @@ def _grouped_attention(module, query, key, value, groups, dropout: float, scalin
     return out.to(query.dtype).unsqueeze(0), None
 
 
+def pooled_attention(query, key, value, mask, dropout: float, scaling: float, training: bool):
+    """Attention of a few queries, one per text (its pooled token: `[texts, heads, 1, dim]`
+    as `[1, heads, texts, dim]`), over a whole packed row's keys and values; `mask`
+    [texts, row] is True on each text's own tokens. Training on a CPU: `_plain_attention`
+    (fast dropout); else SDPA. Returns [1, texts, heads, dim]."""
+    if training and query.device.type == "cpu":
+        out = _plain_attention(query, key, value, mask, dropout, scaling, fp32_softmax=False)
+    else:
+        p = dropout if training else 0.0
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, dropout_p=p, scale=scaling
+        )
+    return out.transpose(1, 2)
+
+
 # Arguments that do not change plain bidirectional self-attention (BERT passes these).
 _PLAIN_ATTENTION_KWARGS = {
     "encoder_hidden_states",

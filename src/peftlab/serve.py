@@ -713,10 +713,15 @@ class _Server:
             # Hooks that let the model take packed rows, checked against padding once.
             hooks = PackedForward(served.model)
             packer = PackCollator(served.tokenizer.pad_token_id, pool="last" if hooks.decoder else "first")
-            with torch.inference_mode():
-                gap = packing_gap(served.model, examples, served.collator, packer)
-            if gap > 1e-4:  # fp32 sums in another order differ by ~1e-6; a wrong mask by far more
-                log.warning("serve: packing off for adapter %r: packed logits differ by %.2g", served.name, gap)
+            try:
+                with torch.inference_mode():
+                    gap = packing_gap(served.model, examples, served.collator, packer)
+                # fp32 sums in another order differ by ~1e-6; a wrong mask by far more
+                why = None if gap <= 1e-4 else f"packed logits differ by {gap:.2g}"
+            except PeftlabError as exc:  # a layout packing refuses (e.g. attention options it does not take)
+                why = str(exc)
+            if why is not None:
+                log.warning("serve: packing off for adapter %r: %s", served.name, why)
                 hooks.remove()
                 packer = None
             self.packers[served.model] = packer
