@@ -317,7 +317,7 @@ def pooled_attention(query, key, value, mask, dropout: float, scaling: float, tr
     else:
         p = dropout if training else 0.0
         out = torch.nn.functional.scaled_dot_product_attention(
-            query, key.to(query.dtype), value.to(query.dtype), attn_mask=mask, dropout_p=p, scale=scaling
+            query, key, value, attn_mask=mask, dropout_p=p, scale=scaling
         )
     return out.transpose(1, 2)
 
