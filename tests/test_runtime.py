@@ -240,8 +240,81 @@ def test_packed_groups_share_masks_across_layers_and_small_bf16_rows_run_in_fp32
     assert first.dtype == torch.bfloat16
     torch.testing.assert_close(first.float(), reference, atol=1e-2, rtol=0)
     assert torch.equal(first, second)
-    assert set(made) == {(0, torch.float32), (1, torch.float32)}, "one fp32 mask per group"
+    assert set(made) == {(0, torch.float32, 4), (1, torch.float32, 4)}, "one fp32 mask per group"
     assert all(packed.additive[key] is mask for key, mask in made.items()), "the second layer reuses them"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_training_attention_is_each_groups_plain_attention_with_the_same_dropout(causal):
+    # The packed row's training attention is one autograd node with its backward written out
+    # (`_GroupedAttention`): its output and gradients must be those of autograd over the plain
+    # attention of each group, dropout masks included (the same draws, in the same order).
+    from peftlab.runtime import _plain_attention
+
+    class Layer(torch.nn.Module):
+        is_causal = causal
+
+    lengths, groups = [7, 6, 3, 3, 1], [(2, 7), (3, 3)]
+    _, (q, k, v), masks = _texts_in_groups(lengths, groups, kv_heads=2 if causal else 4)
+    if causal:
+        masks = [m & torch.ones(w, w, dtype=torch.bool).tril() for m, (_, w) in zip(masks, groups)]
+    packed = [(t, w, m) for (t, w), m in zip(groups, masks)]
+    grad_out = torch.randn(1, q.shape[2], 4, 8)
+
+    def reference(q, k, v):
+        k, v = (t.repeat_interleave(4 // t.shape[1], dim=1) for t in (k, v))
+        outs, at = [], 0
+        for texts, width, mask in packed:
+            qg, kg, vg = (
+                t[0, :, at : at + texts * width].unflatten(1, (texts, width)).transpose(0, 1) for t in (q, k, v)
+            )
+            out = _plain_attention(qg, kg, vg, mask, 0.3, 8**-0.5, fp32_softmax=causal)
+            outs.append(out.transpose(1, 2).reshape(texts * width, 4, 8))
+            at += texts * width
+        return torch.cat([*outs, q.new_zeros(q.shape[2] - at, 4, 8)]).unsqueeze(0)
+
+    results = []
+    for run in (
+        reference,
+        lambda q, k, v: peftlab_attention(Layer().train(), q, k, v, None, 0.3, packed_groups=packed)[0],
+    ):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        torch.manual_seed(7)
+        out = run(*inputs)
+        out.backward(grad_out)
+        results.append([out.detach(), *(t.grad for t in inputs)])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    undropped, _ = peftlab_attention(Layer().train(), q, k, v, None, 0.0, packed_groups=packed)
+    assert (results[1][0] - undropped).abs().max() > 1e-2, "dropout really dropped something"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_training_attention_on_large_bf16_blocks_stays_close_to_fp32(causal, monkeypatch):
+    # Blocks too large for the fp32 detour run their matmuls in bf16 (a decoder's softmax in
+    # fp32): output and gradients come back bf16, within bf16 rounding of the fp32 result.
+    import peftlab.runtime as runtime
+
+    class Layer(torch.nn.Module):
+        is_causal = causal
+
+    lengths, groups = [7, 6, 3, 3, 1], [(2, 7), (3, 3)]
+    _, (q, k, v), masks = _texts_in_groups(lengths, groups)
+    if causal:
+        masks = [m & torch.ones(w, w, dtype=torch.bool).tril() for m, (_, w) in zip(masks, groups)]
+    packed = [(t, w, m) for (t, w), m in zip(groups, masks)]
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):  # fp32: small blocks, masks laid out in full
+        if dtype == torch.bfloat16:
+            monkeypatch.setattr(runtime, "SMALL_ATTENTION_CELLS", 0)  # every block "large"
+            monkeypatch.setattr(runtime, "FULL_MASK_CELLS", 0)  # and its mask added broadcast
+        inputs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out, _ = peftlab_attention(Layer().train(), *inputs, None, 0.0, packed_groups=packed)
+        out.float().sum().backward()
+        assert out.dtype == dtype and all(t.grad.dtype == dtype for t in inputs)
+        results.append([out.float(), *(t.grad.float() for t in inputs)])
+    for got, expected in zip(results[1], results[0]):
+        torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
 
 
 def test_small_bf16_attention_blocks_run_in_fp32_and_come_back_bf16():

@@ -237,74 +237,144 @@ def _plain_attention(query, key, value, mask, dropout: float, scaling: float, fp
 class PackedGroups(list):
     """A packed row's groups, [(texts, width, mask)] (mask: True where a query may look), as
     `peftlab.models.PackedForward` hands them to every attention layer of one forward pass;
-    each mask's additive form is made once per dtype and shared by all layers."""
+    each mask's additive form is made once per dtype and head count and shared by all layers."""
 
     def __init__(self, groups=()):
         super().__init__(groups)
         self.additive: dict = {}
 
 
-def _additive_mask(groups, i: int, dtype: torch.dtype) -> torch.Tensor:
-    """Group i's mask as 0 / dtype-min to add to the scores: one op forward, none backward,
-    where masked_fill with the inverted mask is two and one."""
+# Up to this many score cells a group's mask is laid out in full, [texts * heads, width,
+# width], for `baddbmm` to add it with the scaled scores in one op; larger blocks (long
+# texts: 16 x 12 x 512^2 cells would be 100 MB) add it broadcast, [texts, 1, 1 or width, width].
+FULL_MASK_CELLS = 2**20
+
+
+def _additive_mask(groups, i: int, dtype: torch.dtype, heads: int | None = None) -> torch.Tensor:
+    """Group i's mask as 0 / dtype-min to add to its scores: laid out in full for `heads`
+    heads, or (heads None) broadcastable."""
     cache = getattr(groups, "additive", None)
-    if cache is not None and (i, dtype) in cache:
-        return cache[i, dtype]
-    mask = groups[i][2]
+    if cache is not None and (i, dtype, heads) in cache:
+        return cache[i, dtype, heads]
+    texts, width, mask = groups[i]
+    if heads is not None:
+        mask = mask.expand(texts, heads, width, width).reshape(texts * heads, width, width)
     out = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
     if cache is not None:
-        cache[i, dtype] = out
+        cache[i, dtype, heads] = out
     return out
+
+
+class _GroupedAttention(torch.autograd.Function):
+    """Training attention over a packed row's groups (CPU), as one autograd node with its
+    backward written out: per group, the scores as one `baddbmm` (scale and mask included),
+    softmax, dropout, one `bmm`, and four matmuls back. Autograd over the same math recorded
+    ~25 nodes per group and layer, with their views, transposes and copies: on 2 cores each op
+    costs ~10-20 us in a real step whatever its size, and a MiniLM group's whole attention
+    is ~1 MFLOP, so the op count was the cost (attention was ~30% of a packed SMS step).
+    Same math and the same dropout draws as `_plain_attention` per group (tests); `dtype` is
+    the dtype the group's matmuls run in (fp32 for small blocks, `SMALL_ATTENTION_CELLS`)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, groups, dropout: float, scaling: float, dtype, fp32_softmax: bool):
+        with torch.autocast("cpu", enabled=False):
+            heads, total, dim = query.shape[1:]
+            rows = [t.squeeze(0).transpose(0, 1) for t in (query, key, value)]  # [tokens, heads, dim]
+            out = torch.empty(total, heads, dim, dtype=query.dtype, device=query.device)
+            saved, at = [], 0
+            for i, (texts, width, _) in enumerate(groups):
+                span = slice(at, at + texts * width)
+                q, k, v = (_group_block(r[span], texts, width, dtype) for r in rows)  # [texts*heads, width, dim]
+                if texts * heads * width * width <= FULL_MASK_CELLS:
+                    mask = _additive_mask(groups, i, dtype, heads)
+                    scores = torch.baddbmm(mask, q, k.transpose(1, 2), alpha=scaling)
+                else:
+                    scores = torch.bmm(q, k.transpose(1, 2)).mul_(scaling)
+                    scores.view(texts, heads, width, width).add_(_additive_mask(groups, i, dtype))
+                probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if fp32_softmax else None)
+                keep = bernoulli_keep(probs.shape, dropout, probs) if dropout > 0 else None
+                dropped = (probs if keep is None else probs * keep).to(dtype)
+                _to_rows(out[span], torch.bmm(dropped, v), texts, width)
+                saved.append((q, k, v, probs, keep, dropped))
+                at += texts * width
+            if at < total:  # the row's tail padding: attended by nothing, read by nothing
+                out[at:].zero_()
+            if dropout > 0:  # 1 / (1 - p) once on the row, not on each block's probabilities
+                out.mul_(dropout_scale(dropout))
+        ctx.groups, ctx.blocks, ctx.scaling, ctx.dropout = groups, saved, scaling, dropout
+        return out.unsqueeze(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        with torch.autocast("cpu", enabled=False):
+            grad = grad.squeeze(0)  # [tokens, heads, dim]
+            if ctx.dropout > 0:
+                grad = grad * dropout_scale(ctx.dropout)
+            grads = [grad.new_empty(grad.shape) for _ in range(3)]
+            at = 0
+            for (texts, width, _), (q, k, v, probs, keep, dropped) in zip(ctx.groups, ctx.blocks):
+                span = slice(at, at + texts * width)
+                g = _group_block(grad[span], texts, width, q.dtype)
+                dv = torch.bmm(dropped.transpose(1, 2), g)
+                dp = torch.bmm(g, v.transpose(1, 2)).to(probs.dtype)
+                if keep is not None:
+                    dp.mul_(keep)
+                ds = torch._softmax_backward_data(dp, probs, -1, probs.dtype).to(q.dtype).mul_(ctx.scaling)
+                for rows, block in zip(grads, (torch.bmm(ds, k), torch.bmm(ds.transpose(1, 2), q), dv)):
+                    _to_rows(rows[span], block, texts, width)
+                at += texts * width
+            for rows in grads if at < len(grad) else ():
+                rows[at:].zero_()
+        return (*(g.transpose(0, 1).unsqueeze(0) for g in grads), None, None, None, None, None)
+
+
+def _group_block(rows: torch.Tensor, texts: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[texts * width, heads, dim] token rows as a contiguous [texts * heads, width, dim]
+    block of `dtype` (one copy: layout and cast together)."""
+    heads, dim = rows.shape[1:]
+    block = torch.empty(texts, heads, width, dim, dtype=dtype, device=rows.device)
+    return block.copy_(rows.reshape(texts, width, heads, dim).transpose(1, 2)).view(texts * heads, width, dim)
+
+
+def _to_rows(rows: torch.Tensor, block: torch.Tensor, texts: int, width: int) -> None:
+    """Write a [texts * heads, width, dim] block back into [texts * width, heads, dim] rows."""
+    heads, dim = rows.shape[1:]
+    rows.view(texts, width, heads, dim).copy_(block.view(texts, heads, width, dim).transpose(1, 2))
 
 
 def _grouped_attention(module, query, key, value, groups, dropout: float, scaling):
     """Attention over a `PackCollator` row: each group of texts is a [texts, width] block of
     the row, attended as its own batch under its own mask (key padding, causal for
     decoders), so no token sees another text and none pays for a longer text's width. On a
-    CPU in training the plain matmul form with fast dropout (as `peftlab_attention`);
-    else SDPA per group.
+    CPU in training, `_GroupedAttention` (fast dropout, one autograd node); else SDPA per
+    group. A CPU training row whose blocks are all small runs them in fp32
+    (`SMALL_ATTENTION_CELLS`); decoders take the softmax in fp32, as their own attention does.
 
-    The row is split once (`split`'s backward is one concatenation; slicing per group cost
-    a zero-filled gradient of the whole row per group), along its tokens in the projections'
-    own [tokens, heads, dim] layout, so the gradients going back come out contiguous where
-    the projections read them (split along the heads' [heads, tokens, dim] view, each
-    had to be copied again: a packed MiniLM step 1.02x). When every block is small enough
-    for fp32 to be the faster kernel (`SMALL_ATTENTION_CELLS`), the row goes to fp32 once
-    for all groups rather than per group."""
+    The row is split along its tokens in the projections' own [tokens, heads, dim] layout,
+    so the gradients going back come out contiguous where the projections read them."""
 
     heads, dim = query.shape[1], query.shape[-1]
     if key.shape[1] != heads:  # grouped-query attention: each key/value head serves several
         key, value = (t.repeat_interleave(heads // key.shape[1], dim=1) for t in (key, value))
     scaling = dim**-0.5 if scaling is None else scaling
     causal = getattr(module, "is_causal", False)
-    plain = module.training and query.device.type == "cpu"
+    if module.training and query.device.type == "cpu":
+        small = all(texts * heads * width * width < SMALL_ATTENTION_CELLS for texts, width, _ in groups)
+        dtype = torch.float32 if small else query.dtype
+        return _GroupedAttention.apply(query, key, value, groups, dropout, scaling, dtype, causal), None
     sizes = [texts * width for texts, width, _ in groups]
     tail = query.shape[2] - sum(sizes)
-    fp32 = (
-        plain
-        and query.dtype != torch.float32
-        and all(texts * heads * width * width < SMALL_ATTENTION_CELLS for texts, width, _ in groups)
-    )
-    with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
-        # [tokens, heads, dim] per group; squeeze, not [0], whose backward zero-fills a copy
-        rows = [t.squeeze(0).transpose(0, 1) for t in (query, key, value)]
-        rows = [(r.float() if fp32 else r).split([*sizes, tail] if tail else sizes) for r in rows]
-        outs = []
-        for i, (texts, width, mask) in enumerate(groups):
-            qg, kg, vg = (r[i].unflatten(0, (texts, width)).transpose(1, 2) for r in rows)
-            if plain:
-                mask = _additive_mask(groups, i, qg.dtype)
-                out = _plain_attention(qg, kg, vg, mask, dropout, scaling, fp32_softmax=causal)
-            else:
-                p = dropout if module.training else 0.0
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    qg, kg, vg, attn_mask=mask, dropout_p=p, scale=scaling
-                )
-            outs.append(out.transpose(1, 2).reshape(texts * width, heads, dim))
-        if tail:  # the row's tail padding: attended by nothing, read by nothing
-            outs.append(rows[0][-1].new_zeros(tail, heads, dim))
-        out = torch.cat(outs)
-    return out.to(query.dtype).unsqueeze(0), None
+    # [tokens, heads, dim] per group; squeeze, not [0], whose backward zero-fills a copy
+    rows = [t.squeeze(0).transpose(0, 1).split([*sizes, tail] if tail else sizes) for t in (query, key, value)]
+    outs = []
+    for i, (texts, width, mask) in enumerate(groups):
+        qg, kg, vg = (r[i].unflatten(0, (texts, width)).transpose(1, 2) for r in rows)
+        p = dropout if module.training else 0.0
+        out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=p, scale=scaling)
+        outs.append(out.transpose(1, 2).reshape(texts * width, heads, dim))
+    if tail:  # the row's tail padding: attended by nothing, read by nothing
+        outs.append(rows[0][-1].new_zeros(tail, heads, dim))
+    return torch.cat(outs).to(query.dtype).unsqueeze(0), None
 
 
 def pooled_attention(query, key, value, mask, dropout: float, scaling: float, training: bool):
