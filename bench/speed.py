@@ -1,6 +1,7 @@
-"""Training and evaluation throughput: the stock Hugging Face recipe vs peftlab, one run.
+"""Training and evaluation throughput: the stock Hugging Face recipe vs peftlab.
 
     python bench/speed.py                                   # MiniLM + LoRA, sms_spam 80/20
+    python bench/speed.py --variants stock,peftlab,peftlab_length --rounds 3   # medians of 3
     python bench/speed.py --dataset imdb --max-length 256 --max-train-samples 2000 --max-eval-samples 500
     python bench/speed.py --model smollm2-135m --max-train-samples 400 --max-eval-samples 300 --max-length 96
 
@@ -247,6 +248,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--precision", default="auto")
     p.add_argument("--variants", default="stock,grouped,peftlab")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the variants this many times, every other round in reverse order; the table gives each "
+        "variant's median and the ratios each round's own pair (whole runs on a shared 2-core machine move "
+        "by 10-20%% from one to the next, and a run right after another can be slower)",
+    )
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
@@ -264,7 +273,7 @@ def main() -> None:
     print(
         f"# model {args.model}, dataset {args.dataset}, max_length {args.max_length}, batch {args.batch_size}, "
         f"epochs {args.epochs}, lr {args.lr}, seed {args.seed}, subsets train={args.max_train_samples} "
-        f"eval={args.max_eval_samples}"
+        f"eval={args.max_eval_samples}, rounds {args.rounds} (medians; every other round in reverse order)"
     )
     rates = {d: matmul_rate(d) for d in ("fp32", "bf16")}
     print(
@@ -283,8 +292,21 @@ def main() -> None:
         return result
 
     facts = spawn("facts")
-    results = {v: spawn(v) for v in args.variants.split(",")}
+    variants = args.variants.split(",")
+    rounds = []  # per round: variant -> result
+    for r in range(args.rounds):
+        rounds.append({v: spawn(v) for v in (variants if r % 2 == 0 else variants[::-1])})
+    report(args, facts, rates, variants, rounds)
+
+
+def report(args, facts: dict, rates: dict, variants: list[str], rounds: list[dict]) -> None:
+    """The table (each variant's median run), peftlab's ratios and the arithmetic floor."""
     tokens = facts["tokens"] * args.epochs
+    for runs in rounds:
+        for res in runs.values():
+            res["train_sps"] = res["train_n"] * args.epochs / res["train_seconds"]
+            res["eval_sps"] = res["eval_n"] / res["eval_seconds"]
+    results = {v: _median_run([runs[v] for runs in rounds]) for v in variants}
     print("\n| variant | train samples/s | real tokens/s | eval samples/s | peak RSS MB | accuracy |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
@@ -301,8 +323,6 @@ def main() -> None:
         }[name]
         if name.startswith("peftlab"):
             label += f" ({r['precision']})"
-        r["train_sps"] = r["train_n"] * args.epochs / r["train_seconds"]
-        r["eval_sps"] = r["eval_n"] / r["eval_seconds"]
         print(
             f"| {label} | {r['train_sps']:.1f} | {tokens / r['train_seconds']:.0f} | {r['eval_sps']:.1f} | "
             f"{r['peak_rss_mb']:.0f} | {r['accuracy']:.4f} |"
@@ -316,6 +336,9 @@ def main() -> None:
                     f"\nc/{letter}: train {c['train_sps'] / b['train_sps']:.2f}x, eval {c['eval_sps'] / b['eval_sps']:.2f}x, "
                     f"accuracy {100 * (c['accuracy'] - b['accuracy']):+.2f} points"
                 )
+                if len(rounds) > 1:
+                    each = [runs["peftlab"]["train_sps"] / runs[base]["train_sps"] for runs in rounds]
+                    print(f"  train c/{letter} by round: " + ", ".join(f"{x:.2f}x" for x in each))
         flops = tokens * (4 * facts["linear_params"] + 2 * 4 * facts["layers"] * facts["mean_len"] * facts["hidden"])
         print(f"\narithmetic floor: {flops / 1e12:.2f} TFLOP for {tokens:,.0f} real tokens")
         for name in ("fp32", c["precision"]) if c["precision"] != "fp32" else ("fp32",):
@@ -324,6 +347,15 @@ def main() -> None:
                 f"  at the {name} matmul rate: {floor:.1f} s; peftlab ({c['precision']}) trained in "
                 f"{c['train_seconds']:.1f} s = {c['train_seconds'] / floor:.2f}x this floor"
             )
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median train speed (the lower middle one of an even count), its
+    eval speed the median of all."""
+    ordered = sorted(runs, key=lambda r: r["train_sps"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    out["eval_sps"] = sorted(r["eval_sps"] for r in runs)[(len(runs) - 1) // 2]
+    return out
 
 
 if __name__ == "__main__":
