@@ -301,7 +301,10 @@ class _GroupedAttention(torch.autograd.Function):
                 out[at:].zero_()
             if dropout > 0:  # 1 / (1 - p) once on the row, not on each block's probabilities
                 out.mul_(dropout_scale(dropout))
-        ctx.groups, ctx.blocks, ctx.scaling, ctx.dropout = groups, saved, scaling, dropout
+        # Six per group (keep None without dropout): saved the checked way, so an in-place change
+        # to any of them before the backward raises instead of giving wrong gradients.
+        ctx.save_for_backward(*(t for block in saved for t in block))
+        ctx.groups, ctx.scaling, ctx.dropout = groups, scaling, dropout
         return out.unsqueeze(0)
 
     @staticmethod
@@ -311,8 +314,9 @@ class _GroupedAttention(torch.autograd.Function):
             if ctx.dropout > 0:
                 grad = grad * dropout_scale(ctx.dropout)
             grads = [grad.new_empty(grad.shape) for _ in range(3)]
-            at = 0
-            for (texts, width, _), (q, k, v, probs, keep, dropped) in zip(ctx.groups, ctx.blocks):
+            at, saved = 0, ctx.saved_tensors
+            blocks = [saved[i : i + 6] for i in range(0, len(saved), 6)]
+            for (texts, width, _), (q, k, v, probs, keep, dropped) in zip(ctx.groups, blocks):
                 span = slice(at, at + texts * width)
                 g = _group_block(grad[span], texts, width, q.dtype)
                 dv = torch.bmm(dropped.transpose(1, 2), g)
