@@ -258,6 +258,8 @@ def main() -> None:
     )
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, not {args.rounds}")
     if args.variant:
         return child(args)
 
