@@ -281,6 +281,9 @@ class _GroupedAttention(torch.autograd.Function):
             heads, total, dim = query.shape[1:]
             rows = [t.squeeze(0).transpose(0, 1) for t in (query, key, value)]  # [tokens, heads, dim]
             out = torch.empty(total, heads, dim, dtype=query.dtype, device=query.device)
+            # Dropout's 1 / (1 - p) rides on the copies between blocks and row (the output's here,
+            # the incoming gradient's in the backward): no op of its own over the row.
+            scale = dropout_scale(dropout) if dropout > 0 else None
             saved, at = [], 0
             for i, (texts, width, _) in enumerate(groups):
                 span = slice(at, at + texts * width)
@@ -294,31 +297,27 @@ class _GroupedAttention(torch.autograd.Function):
                 probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if fp32_softmax else None)
                 keep = bernoulli_keep(probs.shape, dropout, probs) if dropout > 0 else None
                 dropped = (probs if keep is None else probs * keep).to(dtype)
-                _to_rows(out[span], torch.bmm(dropped, v), texts, width)
+                _to_rows(out[span], torch.bmm(dropped, v), texts, width, scale)
                 saved.append((q, k, v, probs, keep, dropped))
                 at += texts * width
             if at < total:  # the row's tail padding: attended by nothing, read by nothing
                 out[at:].zero_()
-            if dropout > 0:  # 1 / (1 - p) once on the row, not on each block's probabilities
-                out.mul_(dropout_scale(dropout))
         # Six per group (keep None without dropout): saved the checked way, so an in-place change
         # to any of them before the backward raises instead of giving wrong gradients.
         ctx.save_for_backward(*(t for block in saved for t in block))
-        ctx.groups, ctx.scaling, ctx.dropout = groups, scaling, dropout
+        ctx.groups, ctx.scaling, ctx.scale = groups, scaling, scale
         return out.unsqueeze(0)
 
     @staticmethod
     def backward(ctx, grad):
         with torch.autocast("cpu", enabled=False):
             grad = grad.squeeze(0)  # [tokens, heads, dim]
-            if ctx.dropout > 0:
-                grad = grad * dropout_scale(ctx.dropout)
             grads = [grad.new_empty(grad.shape) for _ in range(3)]
             at, saved = 0, ctx.saved_tensors
             blocks = [saved[i : i + 6] for i in range(0, len(saved), 6)]
             for (texts, width, _), (q, k, v, probs, keep, dropped) in zip(ctx.groups, blocks):
                 span = slice(at, at + texts * width)
-                g = _group_block(grad[span], texts, width, q.dtype)
+                g = _group_block(grad[span], texts, width, q.dtype, ctx.scale)  # the output's 1 / (1 - p)
                 dv = torch.bmm(dropped.transpose(1, 2), g)
                 dp = torch.bmm(g, v.transpose(1, 2)).to(probs.dtype)
                 if keep is not None:
@@ -332,18 +331,28 @@ class _GroupedAttention(torch.autograd.Function):
         return (*(g.transpose(0, 1).unsqueeze(0) for g in grads), None, None, None, None, None)
 
 
-def _group_block(rows: torch.Tensor, texts: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+def _group_block(rows: torch.Tensor, texts: int, width: int, dtype: torch.dtype, scale=None) -> torch.Tensor:
     """[texts * width, heads, dim] token rows as a contiguous [texts * heads, width, dim]
-    block of `dtype` (one copy: layout and cast together)."""
+    block of `dtype` (one copy: layout, cast and `scale` together)."""
     heads, dim = rows.shape[1:]
+    source = rows.reshape(texts, width, heads, dim).transpose(1, 2)
     block = torch.empty(texts, heads, width, dim, dtype=dtype, device=rows.device)
-    return block.copy_(rows.reshape(texts, width, heads, dim).transpose(1, 2)).view(texts * heads, width, dim)
+    if scale is None:
+        block.copy_(source)
+    else:
+        torch.mul(source, scale, out=block)
+    return block.view(texts * heads, width, dim)
 
 
-def _to_rows(rows: torch.Tensor, block: torch.Tensor, texts: int, width: int) -> None:
-    """Write a [texts * heads, width, dim] block back into [texts * width, heads, dim] rows."""
+def _to_rows(rows: torch.Tensor, block: torch.Tensor, texts: int, width: int, scale=None) -> None:
+    """Write a [texts * heads, width, dim] block back into [texts * width, heads, dim] rows
+    (times `scale`)."""
     heads, dim = rows.shape[1:]
-    rows.view(texts, width, heads, dim).copy_(block.view(texts, heads, width, dim).transpose(1, 2))
+    source = block.view(texts, heads, width, dim).transpose(1, 2)
+    if scale is None:
+        rows.view(texts, width, heads, dim).copy_(source)
+    else:
+        torch.mul(source, scale, out=rows.view(texts, width, heads, dim))
 
 
 def _grouped_attention(module, query, key, value, groups, dropout: float, scaling):
