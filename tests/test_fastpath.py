@@ -77,16 +77,22 @@ def test_fused_projections_serve_q_k_and_v_from_one_matmul(pretrained_decoder):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_projection_called_on_another_input_computes_alone():
+def test_a_projection_called_first_on_an_input_computes_itself_and_the_later_ones():
+    # The pooled last layer (PackedForward) asks for q on the pooled tokens and k, v on the
+    # whole row: k's call computes k and v as one matmul, and v's call on that row takes it.
     torch.manual_seed(0)
     linears = [torch.nn.Linear(8, n).requires_grad_(False) for n in (8, 4, 4)]
     group = FusedProjections(linears)
     x, y = torch.randn(3, 8), torch.randn(3, 8)
     torch.testing.assert_close(group.forward(1, y), linears[1](y))
-    assert group.pending is None, "nothing computed for the others"
+    assert set(group.pending[1]) == {2}, "v kept for its call on the same input, q not computed"
+    torch.testing.assert_close(group.forward(2, y), linears[2](y))
+    assert group.pending is None
     outs = [group.forward(i, x) for i in range(3)]
     for out, m in zip(outs, linears):
         torch.testing.assert_close(out, m(x))
+    assert group.pending is None
+    torch.testing.assert_close(group.forward(2, y), linears[2](y))  # the last one alone
     assert group.pending is None
     group.forward(0, x)
     torch.testing.assert_close(group.forward(2, y), linears[2](y))  # another input: not the kept output
@@ -137,3 +143,35 @@ def test_lean_lora_leaves_merged_and_dora_adapters_to_peft(pretrained_encoder):
             model.merge_adapter()
             torch.testing.assert_close(model(**batch).logits, expected, atol=1e-4, rtol=1e-4)
             model.unmerge_adapter()
+
+
+def test_lean_layers_on_packed_rows_take_the_pooled_last_layers_keys_and_values_in_one_matmul(
+    pretrained_encoder, monkeypatch
+):
+    # PackedForward's pooled last layer computes q on the pooled tokens and k, v on the whole
+    # row: under lean_layers k's call computes k and v together, and the step must still
+    # be the one without lean layers (fp32, same dropout draws).
+    from peftlab.data import PackCollator
+    from peftlab.models import PackedForward
+
+    model, _ = _model(pretrained_encoder, dropout=0.2)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    examples = [{"input_ids": ids, "labels": i % 2} for i, ids in enumerate([[5, 9, 14, 3, 7], [11, 4, 6], [8, 2]])]
+    model.train()
+    with PackedForward(model) as packing, cpu_dropout(model, CPU):
+        assert packing.last is not None
+        batch = PackCollator(0)(examples)
+        expected = _step(model, batch)
+        joined = []  # one entry per matmul over the weights side by side
+        weights = FusedProjections._weights
+        monkeypatch.setattr(FusedProjections, "_weights", lambda self: joined.append(self) or weights(self))
+        with lean_layers(model, CPU):
+            got = _step(model, batch)
+    # one q/k/v matmul per layer, and one more for the last layer's k and v on the whole row
+    layers = model.config.num_hidden_layers
+    assert len(joined) == layers + 1 and joined[-1] is joined[-2], len(joined)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(got[1][name], grad, atol=1e-5, rtol=1e-4, msg=name)

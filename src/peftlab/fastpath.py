@@ -62,18 +62,19 @@ def _lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 class FusedProjections:
     """One attention module's q, k and v projections (frozen nn.Linear layers reading the
-    same input) as one matmul: the first projection's call computes all three and keeps the
-    other two outputs for their calls on that same input tensor; a call on any other input
-    computes its own projection alone, so a model that does not follow the pattern is only
-    slower, never wrong. The weights side by side are made on first use and again whenever
-    a projection's weight tensor changes (`frozen_weights_cast` swapping in bf16 copies)."""
+    same input) as one matmul: a projection's call on an input with nothing kept for it
+    computes itself and the projections after it (all three from q's call; k and v from
+    k's) and keeps the later outputs for their calls on that same input tensor. A model that
+    does not follow the pattern is only slower, never wrong. The weights side by side are
+    made on first use and again whenever a projection's weight tensor changes
+    (`frozen_weights_cast` swapping in bf16 copies)."""
 
     def __init__(self, linears: list[torch.nn.Linear], wrappers: list | None = None):
         self.linears = linears
         self.wrappers = wrappers or []  # LoRA layers around them: merging edits the weights in place
         self.sizes = [m.out_features for m in linears]
         self.joined = None  # (the weights' data pointers, joined weight, joined bias)
-        self.pending = None  # (input, outputs, indices still to hand out, (grad mode, input version))
+        self.pending = None  # (input, {index: output still to hand out}, (grad mode, input version))
 
     @staticmethod
     def fusable(linears) -> bool:
@@ -103,22 +104,26 @@ class FusedProjections:
         if (
             pending is not None
             and pending[0] is x
-            and index in pending[2]
-            and pending[3] == _state(x)  # same grad mode, x not changed in place since
+            and index in pending[1]
+            and pending[2] == _state(x)  # same grad mode, x not changed in place since
         ):
-            pending[2].discard(index)
-            if not pending[2]:
+            out = pending[1].pop(index)
+            if not pending[1]:
                 self.pending = None
-            return pending[1][index]
+            return out
         merged = any(w.merged for w in self.wrappers)
         if merged:  # a weight changed in place under the joined copy: make it again after
             self.joined = None
-        if index != 0 or merged:  # not right after the first projection on this input: alone
+        if index == len(self.linears) - 1 or merged:  # the last one (or weights in flux): alone
             m = self.linears[index]
             return F.linear(x, m.weight, m.bias)
+        # This projection and the ones after it, on this input, as one matmul: q, k and v on
+        # a layer's input, or k and v alone where the queries read other tokens (the pooled
+        # last layer of `peftlab.models.PackedForward`: its keys and values read the whole row).
         weight, bias = self._weights()
-        outs = F.linear(x, weight, bias).split(self.sizes, dim=-1)
-        self.pending = (x, outs, set(range(1, len(outs))), _state(x))
+        start = sum(self.sizes[:index])
+        outs = F.linear(x, weight[start:], None if bias is None else bias[start:]).split(self.sizes[index:], dim=-1)
+        self.pending = (x, dict(zip(range(index + 1, len(self.linears)), outs[1:])), _state(x))
         return outs[0]
 
 
