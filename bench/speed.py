@@ -253,7 +253,7 @@ def main() -> None:
         type=int,
         default=1,
         help="run the variants this many times, every other round in reverse order; the table gives each "
-        "variant's median and the ratios each round's own pair (whole runs on a shared 2-core machine move "
+        "variant's median and the ratios of each round's own pair (whole runs on a shared 2-core machine move "
         "by 10-20%% from one to the next, and a run right after another can be slower)",
     )
     p.add_argument("--variant", help=argparse.SUPPRESS)
