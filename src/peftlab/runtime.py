@@ -337,10 +337,7 @@ def _group_block(rows: torch.Tensor, texts: int, width: int, dtype: torch.dtype,
     heads, dim = rows.shape[1:]
     source = rows.reshape(texts, width, heads, dim).transpose(1, 2)
     block = torch.empty(texts, heads, width, dim, dtype=dtype, device=rows.device)
-    if scale is None:
-        block.copy_(source)
-    else:
-        torch.mul(source, scale, out=block)
+    _copy_scaled(block, source, scale)
     return block.view(texts * heads, width, dim)
 
 
@@ -348,11 +345,15 @@ def _to_rows(rows: torch.Tensor, block: torch.Tensor, texts: int, width: int, sc
     """Write a [texts * heads, width, dim] block back into [texts * width, heads, dim] rows
     (times `scale`)."""
     heads, dim = rows.shape[1:]
-    source = block.view(texts, heads, width, dim).transpose(1, 2)
+    _copy_scaled(rows.view(texts, width, heads, dim), block.view(texts, heads, width, dim).transpose(1, 2), scale)
+
+
+def _copy_scaled(dest: torch.Tensor, source: torch.Tensor, scale=None) -> None:
+    """dest = source (times `scale`), as one pass that also casts and lays out."""
     if scale is None:
-        rows.view(texts, width, heads, dim).copy_(source)
+        dest.copy_(source)
     else:
-        torch.mul(source, scale, out=rows.view(texts, width, heads, dim))
+        torch.mul(source, scale, out=dest)
 
 
 def _grouped_attention(module, query, key, value, groups, dropout: float, scaling):
